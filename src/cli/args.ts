@@ -1,0 +1,35 @@
+import { parseArgs, type ParseArgsConfig } from "node:util";
+
+export type OptionSpec = NonNullable<ParseArgsConfig["options"]>;
+
+/** What a subcommand is: its usage text and the function that runs it. */
+export interface Command {
+  name: string;
+  summary: string;
+  run(args: string[]): Promise<void>;
+}
+
+/** Thrown for bad command lines; the CLI prints the message and the usage, not a stack trace. */
+export class UsageError extends Error {}
+
+/**
+ * Parses `args` with node:util's parseArgs (standing in for jsr:@std/cli) and turns its
+ * errors into usage errors that name the command. `--help` is added to every command.
+ */
+export function parseCommandArgs<T extends OptionSpec>(
+  command: string,
+  args: string[],
+  options: T,
+  allowPositionals = false,
+) {
+  try {
+    return parseArgs({
+      args,
+      options: { ...options, help: { type: "boolean", short: "h" } },
+      allowPositionals,
+      strict: true,
+    });
+  } catch (err) {
+    throw new UsageError(`${command}: ${(err as Error).message}`);
+  }
+}

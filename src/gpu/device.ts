@@ -1,0 +1,387 @@
+import { type DType, dtypeBytes, numel, paddedByteLength, Tensor } from "./tensor.ts";
+import { BufferPool } from "./pool.ts";
+
+/** Optional adapter features the kernels can use; every code path also works without each. */
+export interface GpuFeatures {
+  /** `shader-f16`: f16 arithmetic in WGSL. Without it f16 data is still stored and unpacked to f32. */
+  f16: boolean;
+  /** `timestamp-query`: GPU-side timings in the bench. */
+  timestampQuery: boolean;
+  /** `subgroups`: subgroup reductions. */
+  subgroups: boolean;
+}
+
+export interface GpuOptions {
+  /** Pretend an optional feature is missing, to exercise the fallback paths on any adapter. */
+  disable?: Array<keyof GpuFeatures>;
+  powerPreference?: GPUPowerPreference;
+}
+
+/** A WGSL compute kernel. `name` must identify the code uniquely (it keys the pipeline cache). */
+export interface Kernel {
+  name: string;
+  code: string;
+  entry?: string;
+  /** Values for WGSL `override` declarations; each distinct set is its own pipeline. */
+  constants?: Record<string, number>;
+}
+
+/** A float parameter; plain numbers in `params` are written as u32 (or i32 when negative). */
+export class F32Param {
+  constructor(readonly value: number) {}
+}
+export const f32 = (value: number): F32Param => new F32Param(value);
+export type ParamValue = number | F32Param;
+
+export interface Dispatch {
+  kernel: Kernel;
+  /** Written to a uniform struct at @group(0) @binding(0) when present. */
+  params?: readonly ParamValue[];
+  /**
+   * Storage buffers at @binding(1), @binding(2), ... (from @binding(0) when there are no
+   * params). `null` skips a slot that this entry point does not use.
+   */
+  bindings: ReadonlyArray<Tensor | GPUBufferBinding | null>;
+  workgroups: readonly [number, number?, number?];
+}
+
+export type HostArray = Float32Array | Uint16Array | Uint32Array | Int32Array | Uint8Array;
+
+/** How many workgroups on x and y cover `count` invocations of `workgroupSize` (x wraps at the limit). */
+export function grid1d(gpu: Gpu, count: number, workgroupSize: number): [number, number, number] {
+  const groups = Math.max(1, Math.ceil(count / workgroupSize));
+  const maxX = gpu.limits.maxComputeWorkgroupsPerDimension;
+  if (groups <= maxX) return [groups, 1, 1];
+  return [maxX, Math.ceil(groups / maxX), 1];
+}
+
+const UNIFORM_RING_BYTES = 1 << 20;
+const MAX_PARAM_BYTES = 256;
+
+const NO_ADAPTER_HELP = "no WebGPU adapter found. On Linux without a GPU install Mesa's CPU " +
+  "drivers (Debian/Ubuntu: `apt-get install mesa-vulkan-drivers`, which provides lavapipe); " +
+  "with a GPU install its Vulkan driver. On macOS Metal and on Windows D3D12 are used directly.";
+
+/**
+ * The WebGPU device plus what every op needs: a buffer pool, a pipeline cache and one
+ * command encoder that records dispatches until `flush()` or a read submits them.
+ */
+export class Gpu {
+  readonly device: GPUDevice;
+  readonly adapterInfo: GPUAdapterInfo;
+  readonly features: GpuFeatures;
+  readonly limits: GPUSupportedLimits;
+  readonly #pool: BufferPool;
+  readonly #pipelines = new Map<string, { code: string; pipeline: GPUComputePipeline }>();
+  readonly #uniforms: GPUBuffer;
+  readonly #uniformStage = new ArrayBuffer(UNIFORM_RING_BYTES);
+  readonly #uniformStride: number;
+  #uniformUsed = 0;
+  #encoder: GPUCommandEncoder | null = null;
+  #pass: GPUComputePassEncoder | null = null;
+  #recorded = 0;
+  #errors: string[] = [];
+  #lost: string | null = null;
+  #dispatchCount = 0;
+  #submitCount = 0;
+
+  private constructor(adapter: GPUAdapter, device: GPUDevice, features: GpuFeatures) {
+    this.device = device;
+    this.adapterInfo = adapter.info;
+    this.features = features;
+    this.limits = device.limits;
+    this.#pool = new BufferPool(device);
+    this.#uniformStride = Math.max(
+      MAX_PARAM_BYTES,
+      device.limits.minUniformBufferOffsetAlignment,
+    );
+    this.#uniforms = device.createBuffer({
+      label: "params-ring",
+      size: UNIFORM_RING_BYTES,
+      usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+    });
+    device.addEventListener("uncapturederror", (event) => {
+      this.#errors.push((event as GPUUncapturedErrorEvent).error.message);
+    });
+    device.lost.then((info) => {
+      this.#lost = info.message || info.reason || "unknown reason";
+    });
+  }
+
+  /** Takes the best adapter and asks for its own maximum limits and the optional features it has. */
+  static async create(options: GpuOptions = {}): Promise<Gpu> {
+    if (!("gpu" in navigator) || !navigator.gpu) throw new Error(NO_ADAPTER_HELP);
+    const adapter = await navigator.gpu.requestAdapter({
+      powerPreference: options.powerPreference ?? "high-performance",
+    });
+    if (!adapter) throw new Error(NO_ADAPTER_HELP);
+    const disabled = new Set(options.disable ?? []);
+    const has = (name: GPUFeatureName, key: keyof GpuFeatures) =>
+      adapter.features.has(name) && !disabled.has(key);
+    const features: GpuFeatures = {
+      f16: has("shader-f16", "f16"),
+      timestampQuery: has("timestamp-query", "timestampQuery"),
+      subgroups: has("subgroups" as GPUFeatureName, "subgroups"),
+    };
+    const requiredFeatures: GPUFeatureName[] = [];
+    if (features.f16) requiredFeatures.push("shader-f16");
+    if (features.timestampQuery) requiredFeatures.push("timestamp-query");
+    if (features.subgroups) requiredFeatures.push("subgroups" as GPUFeatureName);
+    const requiredLimits: Record<string, number> = {};
+    for (const key in adapter.limits) {
+      const value = (adapter.limits as unknown as Record<string, unknown>)[key];
+      if (typeof value === "number") requiredLimits[key] = value;
+    }
+    const device = await adapter.requestDevice({ requiredFeatures, requiredLimits });
+    return new Gpu(adapter, device, features);
+  }
+
+  /** Largest single storage binding; bigger tensors must be walked in windows. */
+  get maxBindingBytes(): number {
+    return this.limits.maxStorageBufferBindingSize;
+  }
+
+  get stats(): { dispatches: number; submits: number; pooledBytes: number; liveBytes: number } {
+    return {
+      dispatches: this.#dispatchCount,
+      submits: this.#submitCount,
+      pooledBytes: this.#pool.pooledBytes,
+      liveBytes: this.#pool.liveBytes,
+    };
+  }
+
+  releaseBuffer(buffer: GPUBuffer): void {
+    this.#pool.release(buffer);
+  }
+
+  /** An uninitialised tensor (pooled memory may hold old data). */
+  empty(shape: readonly number[], dtype: DType, name = "tensor"): Tensor {
+    const bytes = paddedByteLength(shape, dtype);
+    if (bytes > this.limits.maxBufferSize) {
+      throw new Error(
+        `tensor '${name}' [${shape}] ${dtype} needs ${bytes} bytes, over this adapter's ` +
+          `maxBufferSize (${this.limits.maxBufferSize})`,
+      );
+    }
+    return new Tensor(this, this.#pool.acquire(bytes, name), shape, dtype, name);
+  }
+
+  /** A zero-filled tensor. */
+  zeros(shape: readonly number[], dtype: DType, name = "tensor"): Tensor {
+    const t = this.empty(shape, dtype, name);
+    this.#endPass();
+    this.#commandEncoder().clearBuffer(t.buffer, 0, t.byteLength);
+    return t;
+  }
+
+  /**
+   * Copies host data into a new tensor. f16/bf16 data is passed as raw 16-bit patterns.
+   * Pending work is submitted first because the queue write happens at submission time
+   * and the pooled buffer may still be read by recorded dispatches.
+   */
+  upload(data: HostArray, shape: readonly number[], dtype: DType, name = "tensor"): Tensor {
+    const expected = numel(shape) * dtypeBytes(dtype);
+    if (data.byteLength !== expected) {
+      throw new Error(
+        `upload of '${name}': ${data.byteLength} bytes given for [${shape}] ${dtype} (${expected} expected)`,
+      );
+    }
+    const t = this.empty(shape, dtype, name);
+    this.write(t, data);
+    return t;
+  }
+
+  /** Overwrites a tensor's contents from the host (same rules as `upload`). */
+  write(t: Tensor, data: HostArray, byteOffset = 0): void {
+    this.flush();
+    const bytes = new Uint8Array(data.buffer as ArrayBuffer, data.byteOffset, data.byteLength);
+    const aligned = bytes.byteLength & ~3;
+    if (aligned > 0) this.device.queue.writeBuffer(t.buffer, byteOffset, bytes, 0, aligned);
+    if (aligned < bytes.byteLength) {
+      const tail = new Uint8Array(4);
+      tail.set(bytes.subarray(aligned));
+      this.device.queue.writeBuffer(t.buffer, byteOffset + aligned, tail);
+    }
+  }
+
+  /** Records one compute dispatch; nothing runs until `flush()` or a read. */
+  dispatch(d: Dispatch): void {
+    const pipeline = this.#pipeline(d.kernel);
+    const entries: GPUBindGroupEntry[] = [];
+    let binding = 0;
+    if (d.params) {
+      entries.push({
+        binding: binding++,
+        resource: {
+          buffer: this.#uniforms,
+          offset: this.#writeParams(d.params),
+          size: MAX_PARAM_BYTES,
+        },
+      });
+    }
+    for (const b of d.bindings) {
+      if (b) entries.push({ binding, resource: b instanceof Tensor ? b.binding() : b });
+      binding++;
+    }
+    const bindGroup = this.device.createBindGroup({
+      layout: pipeline.getBindGroupLayout(0),
+      entries,
+    });
+    const pass = this.#computePass();
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, bindGroup);
+    const [x, y = 1, z = 1] = d.workgroups;
+    const maxDim = this.limits.maxComputeWorkgroupsPerDimension;
+    if (x > maxDim || y > maxDim || z > maxDim) {
+      throw new Error(
+        `kernel '${d.kernel.name}': workgroups [${x},${y},${z}] over the limit ${maxDim}`,
+      );
+    }
+    pass.dispatchWorkgroups(x, y, z);
+    this.#recorded++;
+    this.#dispatchCount++;
+  }
+
+  /** Records a buffer-to-buffer copy (byte offsets and length must be multiples of 4). */
+  copy(src: Tensor, srcOffset: number, dst: Tensor, dstOffset: number, bytes: number): void {
+    this.#endPass();
+    this.#commandEncoder().copyBufferToBuffer(src.buffer, srcOffset, dst.buffer, dstOffset, bytes);
+    this.#recorded++;
+  }
+
+  /** Submits everything recorded so far. */
+  flush(): void {
+    this.#throwIfBroken();
+    if (!this.#encoder) return;
+    this.#endPass();
+    if (this.#uniformUsed > 0) {
+      this.device.queue.writeBuffer(this.#uniforms, 0, this.#uniformStage, 0, this.#uniformUsed);
+    }
+    this.device.queue.submit([this.#encoder.finish()]);
+    this.#submitCount++;
+    this.#encoder = null;
+    this.#recorded = 0;
+    this.#uniformUsed = 0;
+  }
+
+  /** Waits until the GPU has finished everything submitted, then reports any device error. */
+  async sync(): Promise<void> {
+    this.flush();
+    await this.device.queue.onSubmittedWorkDone();
+    this.#throwIfBroken();
+  }
+
+  /** Downloads several tensors with one submission and one wait (each readback costs milliseconds). */
+  async readAll(tensors: readonly Tensor[]): Promise<HostArray[]> {
+    this.#endPass();
+    const staging = tensors.map((t) => {
+      const buffer = this.device.createBuffer({
+        label: `read:${t.name}`,
+        size: t.byteLength,
+        usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+      });
+      this.#commandEncoder().copyBufferToBuffer(t.buffer, 0, buffer, 0, t.byteLength);
+      return buffer;
+    });
+    this.flush();
+    await Promise.all(staging.map((b) => b.mapAsync(GPUMapMode.READ)));
+    this.#throwIfBroken();
+    return tensors.map((t, i) => {
+      const bytes = staging[i].getMappedRange().slice(0, t.size * dtypeBytes(t.dtype));
+      staging[i].destroy();
+      return hostView(bytes, t.dtype);
+    });
+  }
+
+  async read(t: Tensor): Promise<HostArray> {
+    return (await this.readAll([t]))[0];
+  }
+
+  /** Downloads an f32 tensor. */
+  async readF32(t: Tensor): Promise<Float32Array> {
+    if (t.dtype !== "f32") throw new Error(`readF32: tensor '${t.name}' is ${t.dtype}, not f32`);
+    return (await this.read(t)) as Float32Array;
+  }
+
+  destroy(): void {
+    this.#pool.destroy();
+    this.#uniforms.destroy();
+    this.#pipelines.clear();
+    this.device.destroy();
+  }
+
+  #throwIfBroken(): void {
+    if (this.#lost) throw new Error(`WebGPU device lost: ${this.#lost}`);
+    if (this.#errors.length > 0) {
+      const errors = this.#errors.splice(0);
+      throw new Error(`WebGPU error: ${errors.join("\n")}`);
+    }
+  }
+
+  #pipeline(kernel: Kernel): GPUComputePipeline {
+    const entry = kernel.entry ?? "main";
+    const key = `${kernel.name}|${entry}|${JSON.stringify(kernel.constants ?? {})}`;
+    const cached = this.#pipelines.get(key);
+    if (cached) {
+      if (cached.code !== kernel.code) {
+        throw new Error(`kernel name '${kernel.name}' is used for two different WGSL sources`);
+      }
+      return cached.pipeline;
+    }
+    const module = this.device.createShaderModule({ label: kernel.name, code: kernel.code });
+    const pipeline = this.device.createComputePipeline({
+      label: `${kernel.name}:${entry}`,
+      layout: "auto",
+      compute: { module, entryPoint: entry, constants: kernel.constants },
+    });
+    this.#pipelines.set(key, { code: kernel.code, pipeline });
+    return pipeline;
+  }
+
+  #writeParams(params: readonly ParamValue[]): number {
+    if (params.length * 4 > MAX_PARAM_BYTES) throw new Error("too many kernel parameters");
+    if (this.#uniformUsed + this.#uniformStride > UNIFORM_RING_BYTES) this.flush();
+    const offset = this.#uniformUsed;
+    const view = new DataView(this.#uniformStage, offset, MAX_PARAM_BYTES);
+    params.forEach((p, i) => {
+      if (p instanceof F32Param) view.setFloat32(i * 4, p.value, true);
+      else if (p < 0) view.setInt32(i * 4, p, true);
+      else view.setUint32(i * 4, p, true);
+    });
+    this.#uniformUsed += this.#uniformStride;
+    return offset;
+  }
+
+  #commandEncoder(): GPUCommandEncoder {
+    if (!this.#encoder) this.#encoder = this.device.createCommandEncoder();
+    return this.#encoder;
+  }
+
+  #computePass(): GPUComputePassEncoder {
+    if (!this.#pass) this.#pass = this.#commandEncoder().beginComputePass();
+    return this.#pass;
+  }
+
+  #endPass(): void {
+    if (this.#pass) {
+      this.#pass.end();
+      this.#pass = null;
+    }
+  }
+}
+
+function hostView(bytes: ArrayBuffer, dtype: DType): HostArray {
+  switch (dtype) {
+    case "f32":
+      return new Float32Array(bytes);
+    case "f16":
+    case "bf16":
+      return new Uint16Array(bytes);
+    case "u32":
+      return new Uint32Array(bytes);
+    case "i32":
+      return new Int32Array(bytes);
+    case "u8":
+      return new Uint8Array(bytes);
+  }
+}

@@ -1,0 +1,65 @@
+const USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+/** Freed buffers kept for reuse beyond this are destroyed instead. */
+const MAX_POOLED_BYTES = 512 * 1024 * 1024;
+
+/** Rounds to 2^k or 1.5·2^k so a size class wastes at most a third and sizes recur. */
+export function sizeClass(bytes: number): number {
+  const n = Math.max(16, bytes);
+  const pow = 2 ** Math.ceil(Math.log2(n));
+  const threeQuarter = pow * 0.75;
+  return n <= threeQuarter && Number.isInteger(threeQuarter) ? threeQuarter : pow;
+}
+
+/**
+ * Storage buffers by size class. A released buffer may be handed out again before the
+ * GPU has run the work that reads it: that is safe because dispatches in one queue run
+ * in order, and host writes (`Gpu.write`) submit pending work first.
+ */
+export class BufferPool {
+  readonly #device: GPUDevice;
+  readonly #free = new Map<number, GPUBuffer[]>();
+  #pooledBytes = 0;
+  #liveBytes = 0;
+
+  constructor(device: GPUDevice) {
+    this.#device = device;
+  }
+
+  get pooledBytes(): number {
+    return this.#pooledBytes;
+  }
+
+  get liveBytes(): number {
+    return this.#liveBytes;
+  }
+
+  acquire(bytes: number, label: string): GPUBuffer {
+    const size = sizeClass(bytes);
+    const reused = this.#free.get(size)?.pop();
+    this.#liveBytes += size;
+    if (reused) {
+      this.#pooledBytes -= size;
+      return reused;
+    }
+    return this.#device.createBuffer({ label, size, usage: USAGE });
+  }
+
+  release(buffer: GPUBuffer): void {
+    const size = buffer.size;
+    this.#liveBytes -= size;
+    if (this.#pooledBytes + size > MAX_POOLED_BYTES) {
+      buffer.destroy();
+      return;
+    }
+    let list = this.#free.get(size);
+    if (!list) this.#free.set(size, list = []);
+    list.push(buffer);
+    this.#pooledBytes += size;
+  }
+
+  destroy(): void {
+    for (const list of this.#free.values()) for (const b of list) b.destroy();
+    this.#free.clear();
+    this.#pooledBytes = 0;
+  }
+}

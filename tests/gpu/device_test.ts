@@ -1,0 +1,106 @@
+import assert from "node:assert/strict";
+import { grid1d } from "../../src/gpu/device.ts";
+import { sizeClass } from "../../src/gpu/pool.ts";
+import { add } from "../../src/ops/elementwise.ts";
+import { testGpu } from "../helpers.ts";
+
+Deno.test("upload and read round-trip every dtype, odd lengths included", async () => {
+  const gpu = await testGpu();
+  const f = new Float32Array([1.5, -2, 3.25]);
+  const h = new Uint16Array([0x3c00, 0xc000, 0x7bff, 0x0001, 0x8000]);
+  const u = new Uint32Array([0, 1, 0xffffffff]);
+  const i = new Int32Array([-5, 7]);
+  const b = new Uint8Array([1, 2, 3, 4, 5, 6, 255]);
+  const ts = [
+    gpu.upload(f, [3], "f32"),
+    gpu.upload(h, [5], "f16"),
+    gpu.upload(h, [5], "bf16"),
+    gpu.upload(u, [3], "u32"),
+    gpu.upload(i, [2], "i32"),
+    gpu.upload(b, [7], "u8"),
+  ];
+  const got = await gpu.readAll(ts);
+  assert.deepEqual(got, [f, h, h, u, i, b]);
+  for (const t of ts) t.destroy();
+});
+
+Deno.test("zeros clears pooled memory that held data", async () => {
+  const gpu = await testGpu();
+  const dirty = gpu.upload(new Float32Array(100).fill(7), [100], "f32");
+  dirty.destroy();
+  const z = gpu.zeros([100], "f32");
+  assert.deepEqual(await gpu.read(z), new Float32Array(100));
+  z.destroy();
+});
+
+Deno.test("a destroyed tensor's buffer is reused and using it afterwards fails clearly", async () => {
+  const gpu = await testGpu();
+  const a = gpu.empty([1000], "f32", "first");
+  const buffer = a.buffer;
+  a.destroy();
+  const b = gpu.empty([900], "f32", "second");
+  assert.equal(b.buffer, buffer, "same size class is reused");
+  assert.throws(() => a.buffer, /tensor 'first' was used after destroy/);
+  b.destroy();
+});
+
+Deno.test("many dispatches are one submission; a read flushes them", async () => {
+  const gpu = await testGpu();
+  const x = gpu.upload(new Float32Array([1, 2, 3]), [3], "f32");
+  const before = gpu.stats;
+  let acc = x;
+  for (let k = 0; k < 10; k++) acc = add(gpu, acc, x);
+  assert.deepEqual(await gpu.read(acc), new Float32Array([11, 22, 33]));
+  const after = gpu.stats;
+  assert.equal(after.dispatches - before.dispatches, 10);
+  assert.equal(after.submits - before.submits, 1);
+});
+
+Deno.test("a binding over the device limit names the tensor and the limit", async () => {
+  const gpu = await testGpu();
+  const limit = gpu.maxBindingBytes;
+  const big = gpu.empty([limit / 4 + 64], "f32", "embed_tokens");
+  assert.throws(
+    () => big.binding(),
+    (err: Error) =>
+      /embed_tokens/.test(err.message) && err.message.includes(String(limit)) &&
+      /maxStorageBufferBindingSize/.test(err.message),
+  );
+  big.destroy();
+});
+
+Deno.test("upload checks the byte length against the shape", async () => {
+  const gpu = await testGpu();
+  assert.throws(
+    () => gpu.upload(new Float32Array(5), [2, 3], "f32", "w"),
+    /upload of 'w': 20 bytes given for \[2,3\] f32 \(24 expected\)/,
+  );
+});
+
+Deno.test("a WGSL error surfaces at the next read with the compiler's message", async () => {
+  const gpu = await testGpu();
+  const out = gpu.empty([4], "f32");
+  gpu.dispatch({
+    kernel: { name: "broken", code: "@compute @workgroup_size(1) fn main() { let x: u32 = 1.5; }" },
+    bindings: [],
+    workgroups: [1],
+  });
+  await assert.rejects(gpu.read(out), /WebGPU error/);
+  out.destroy();
+});
+
+Deno.test("grid1d wraps onto y past 65535 workgroups", async () => {
+  const gpu = await testGpu();
+  assert.deepEqual(grid1d(gpu, 1000, 256), [4, 1, 1]);
+  const max = gpu.limits.maxComputeWorkgroupsPerDimension;
+  const [x, y] = grid1d(gpu, max * 256 + 1, 256);
+  assert.equal(x, max);
+  assert.equal(y, 2);
+});
+
+Deno.test("size classes are 2^k or 3·2^(k-2) and never smaller than asked", () => {
+  for (const n of [1, 16, 17, 100, 4096, 5000, 6144, 6145, 1e6, 778_000_000]) {
+    const c = sizeClass(n);
+    assert.ok(c >= n && c < 1.5 * Math.max(n, 16) + 1, `${n} -> ${c}`);
+  }
+});

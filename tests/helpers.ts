@@ -1,0 +1,82 @@
+import assert from "node:assert/strict";
+import { Gpu, type GpuOptions } from "../src/gpu/device.ts";
+
+let shared: Promise<Gpu> | null = null;
+
+/**
+ * One device per test process: creating devices is slow on lavapipe. Set
+ * DISTILL_DISABLE=f16,subgroups to run the fallback paths on an adapter that has them.
+ */
+export function testGpu(): Promise<Gpu> {
+  const disable = (Deno.env.get("DISTILL_DISABLE") ?? "").split(",").filter(Boolean);
+  shared ??= Gpu.create({ disable: disable as GpuOptions["disable"] });
+  return shared;
+}
+
+/** Deterministic pseudo-random numbers (mulberry32 + Box-Muller) so failures reproduce. */
+export function rng(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+export function randn(n: number, seed: number, std = 1): Float32Array {
+  const u = rng(seed);
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    const r = Math.sqrt(-2 * Math.log(1 - u())) * Math.cos(2 * Math.PI * u());
+    out[i] = r * std;
+  }
+  return out;
+}
+
+/** ggml's test metric: mse(a, b) / mse(a, 0), with a the reference. */
+export function nmse(expected: ArrayLike<number>, actual: ArrayLike<number>): number {
+  assert.equal(actual.length, expected.length, "length mismatch");
+  let err = 0;
+  let ref = 0;
+  for (let i = 0; i < expected.length; i++) {
+    const d = actual[i] - expected[i];
+    err += d * d;
+    ref += expected[i] * expected[i];
+  }
+  return ref === 0 ? err : err / ref;
+}
+
+export function assertNmse(
+  expected: ArrayLike<number>,
+  actual: ArrayLike<number>,
+  bound = 1e-7,
+  what = "result",
+): void {
+  for (let i = 0; i < actual.length; i++) {
+    if (!Number.isFinite(actual[i])) assert.fail(`${what}: non-finite value ${actual[i]} at ${i}`);
+  }
+  const e = nmse(expected, actual);
+  assert.ok(e < bound, `${what}: NMSE ${e.toExponential(3)} over ${bound}`);
+}
+
+/** Max |a - b| under `tol`, as the fixture READMEs state their tolerances. */
+export function assertMaxAbs(
+  expected: ArrayLike<number>,
+  actual: ArrayLike<number>,
+  tol: number,
+  what = "result",
+): void {
+  assert.equal(actual.length, expected.length, `${what}: length mismatch`);
+  let worst = 0;
+  let at = 0;
+  for (let i = 0; i < expected.length; i++) {
+    const d = Math.abs(actual[i] - expected[i]);
+    if (!(d <= worst)) {
+      worst = d;
+      at = i;
+    }
+  }
+  assert.ok(worst <= tol, `${what}: max |diff| ${worst} at ${at} over ${tol}`);
+}
