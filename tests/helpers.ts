@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { Gpu, type GpuOptions } from "../src/gpu/device.ts";
+import { Rng } from "../src/train/rng.ts";
 
 let shared: Promise<Gpu> | null = null;
 
@@ -13,26 +14,9 @@ export function testGpu(): Promise<Gpu> {
   return shared;
 }
 
-/** Deterministic pseudo-random numbers (mulberry32 + Box-Muller) so failures reproduce. */
-export function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
+/** Deterministic normal samples so failures reproduce. */
 export function randn(n: number, seed: number, std = 1): Float32Array {
-  const u = rng(seed);
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    const r = Math.sqrt(-2 * Math.log(1 - u())) * Math.cos(2 * Math.PI * u());
-    out[i] = r * std;
-  }
-  return out;
+  return new Rng(seed).fillNormal(new Float32Array(n), std);
 }
 
 /** ggml's test metric: mse(a, b) / mse(a, 0), with a the reference. */

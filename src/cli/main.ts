@@ -1,7 +1,8 @@
 import { type Command, UsageError } from "./args.ts";
+import { cacheCommand } from "./cache.ts";
 import { infoCommand } from "./info.ts";
 
-const COMMANDS: Command[] = [infoCommand];
+const COMMANDS: Command[] = [infoCommand, cacheCommand];
 
 function usage(): string {
   const lines = COMMANDS.map((c) => `  ${c.name.padEnd(10)} ${c.summary}`);

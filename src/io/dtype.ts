@@ -7,7 +7,17 @@
  */
 
 /** Element types of the safetensors format that this project reads and writes. */
-export type SafeDType = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL";
+export type SafeDType =
+  | "F64"
+  | "F32"
+  | "F16"
+  | "BF16"
+  | "I64"
+  | "I32"
+  | "I16"
+  | "I8"
+  | "U8"
+  | "BOOL";
 
 /** Bytes per element of each dtype. */
 export const DTYPE_BYTES: Readonly<Record<SafeDType, number>> = {

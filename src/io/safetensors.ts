@@ -44,6 +44,7 @@ export interface TensorToWrite {
 
 /** The reference implementation refuses larger headers; so do we, before allocating one. */
 const MAX_HEADER_BYTES = 100 * 1024 * 1024;
+const SUPPORTED_DTYPES = Object.keys(DTYPE_BYTES).join(", ");
 const INTEGER_DTYPES: ReadonlySet<SafeDType> = new Set(["I64", "I32", "I16", "I8", "U8", "BOOL"]);
 
 function fileError(path: string, message: string): Error {
@@ -64,13 +65,18 @@ function elementCount(shape: readonly number[]): number {
 
 function checkMetadata(path: string, metadata: unknown): Record<string, string> {
   if (!isRecord(metadata)) {
-    throw fileError(path, `"__metadata__" must be a map of strings, got ${JSON.stringify(metadata)}`);
+    throw fileError(
+      path,
+      `"__metadata__" must be a map of strings, got ${JSON.stringify(metadata)}`,
+    );
   }
   for (const [key, value] of Object.entries(metadata)) {
     if (typeof value !== "string") {
       throw fileError(
         path,
-        `"__metadata__" key "${key}" holds ${JSON.stringify(value)}; metadata values must be strings`,
+        `"__metadata__" key "${key}" holds ${
+          JSON.stringify(value)
+        }; metadata values must be strings`,
       );
     }
   }
@@ -86,36 +92,45 @@ function parseTensorEntry(
 ): TensorInfo {
   const where = `tensor "${name}"`;
   if (!isRecord(entry)) {
-    throw fileError(path, `${where}: expected {dtype, shape, data_offsets}, got ${JSON.stringify(entry)}`);
+    throw fileError(
+      path,
+      `${where}: expected {dtype, shape, data_offsets}, got ${JSON.stringify(entry)}`,
+    );
   }
   const { dtype, shape, data_offsets: offsets } = entry;
   if (typeof dtype !== "string" || !isSafeDType(dtype)) {
     throw fileError(
       path,
-      `${where} has unknown dtype ${JSON.stringify(dtype)}; supported: ${Object.keys(DTYPE_BYTES).join(", ")}`,
+      `${where} has unknown dtype ${JSON.stringify(dtype)}; supported: ${SUPPORTED_DTYPES}`,
     );
   }
   if (!isShape(shape)) {
-    throw fileError(path, `${where}: shape ${JSON.stringify(shape)} is not a list of non-negative integers`);
-  }
-  if (!isShape(offsets) || offsets.length !== 2 || offsets[0] > offsets[1]) {
-    throw fileError(path, `${where}: data_offsets ${JSON.stringify(offsets)} is not [begin, end] with begin <= end`);
-  }
-  const [begin, end] = offsets;
-  const needed = elementCount(shape) * DTYPE_BYTES[dtype];
-  if (end - begin !== needed) {
     throw fileError(
       path,
-      `${where}: shape [${shape}] of ${dtype} needs ${needed} bytes, but data_offsets [${begin}, ${end}] span ${end - begin}`,
+      `${where}: shape ${JSON.stringify(shape)} is not a list of non-negative integers`,
     );
+  }
+  if (!isShape(offsets) || offsets.length !== 2 || offsets[0] > offsets[1]) {
+    throw fileError(
+      path,
+      `${where}: data_offsets ${JSON.stringify(offsets)} is not [begin, end] with begin <= end`,
+    );
+  }
+  const [begin, end] = offsets;
+  const span = end - begin;
+  const needed = elementCount(shape) * DTYPE_BYTES[dtype];
+  if (span !== needed) {
+    const layout = `shape [${shape}] of ${dtype} needs ${needed} bytes`;
+    throw fileError(path, `${where}: ${layout}, but data_offsets [${begin}, ${end}] span ${span}`);
   }
   if (end > dataSize) {
     throw fileError(
       path,
-      `${where}: data_offsets [${begin}, ${end}] run past the end of the data area (${dataSize} bytes); the file is truncated or its header is wrong`,
+      `${where}: data_offsets [${begin}, ${end}] run past the end of the data area ` +
+        `(${dataSize} bytes); the file is truncated or its header is wrong`,
     );
   }
-  return { name, dtype, shape, byteOffset: dataStart + begin, byteLength: end - begin };
+  return { name, dtype, shape, byteOffset: dataStart + begin, byteLength: span };
 }
 
 /**
@@ -134,7 +149,8 @@ function parseHeader(
   } catch (error) {
     throw fileError(
       path,
-      `the header is not valid JSON (${(error as Error).message}); the file is damaged or not safetensors`,
+      `the header is not valid JSON (${(error as Error).message}); ` +
+        "the file is damaged or not safetensors",
     );
   }
   if (!isRecord(header)) throw fileError(path, "the header is not a JSON object");
@@ -148,30 +164,35 @@ function parseHeader(
 
   // The tensors must tile the data area: sorted by offset, each starts where the previous ended.
   tensors.sort((a, b) => a.byteOffset - b.byteOffset || a.byteLength - b.byteLength);
-  let covered = dataStart;
+  let covered = 0; // data bytes accounted for, relative to the data area
   let previous: TensorInfo | undefined;
   for (const tensor of tensors) {
-    const range = `[${tensor.byteOffset - dataStart}, ${tensor.byteOffset - dataStart + tensor.byteLength}]`;
-    if (previous && tensor.byteOffset < covered) {
+    const begin = tensor.byteOffset - dataStart;
+    if (previous && begin < covered) {
       throw fileError(
         path,
-        `tensor "${tensor.name}" data_offsets ${range} overlap tensor "${previous.name}", which ends at ${covered - dataStart}`,
+        `tensor "${tensor.name}" data_offsets [${begin}, ${begin + tensor.byteLength}] overlap ` +
+          `tensor "${previous.name}", which ends at ${covered}`,
       );
     }
-    if (tensor.byteOffset > covered) {
+    if (begin > covered) {
       throw fileError(
         path,
-        `data bytes [${covered - dataStart}, ${tensor.byteOffset - dataStart}) before tensor "${tensor.name}" belong to no tensor; the header offsets are wrong`,
+        `data bytes [${covered}, ${begin}) before tensor "${tensor.name}" belong to no tensor; ` +
+          "the header offsets are wrong",
       );
     }
-    covered = tensor.byteOffset + tensor.byteLength;
+    covered = begin + tensor.byteLength;
     previous = tensor;
   }
-  if (covered !== dataStart + dataSize) {
-    const last = previous ? `after the last tensor "${previous.name}"` : "in a file with no tensors";
+  if (covered !== dataSize) {
+    const last = previous
+      ? `after the last tensor "${previous.name}"`
+      : "in a file with no tensors";
     throw fileError(
       path,
-      `${dataStart + dataSize - covered} trailing data bytes ${last} belong to no tensor; the header offsets are wrong`,
+      `${dataSize - covered} trailing data bytes ${last} belong to no tensor; ` +
+        "the header offsets are wrong",
     );
   }
   return { metadata, tensors };
@@ -191,7 +212,10 @@ async function readExactly(
   while (done < length) {
     const n = await file.read(bytes.subarray(done));
     if (n === null) {
-      throw fileError(path, `the file ends at byte ${position + done}, inside ${what}; it was truncated`);
+      throw fileError(
+        path,
+        `the file ends at byte ${position + done}, inside ${what}; it was truncated`,
+      );
     }
     done += n;
   }
@@ -255,7 +279,10 @@ export class SafetensorsFile {
         );
       }
       if (headerLength > BigInt(MAX_HEADER_BYTES)) {
-        throw fileError(path, `the header length ${headerLength} exceeds the ${MAX_HEADER_BYTES}-byte limit`);
+        throw fileError(
+          path,
+          `the header length ${headerLength} exceeds the ${MAX_HEADER_BYTES}-byte limit`,
+        );
       }
       const n = Number(headerLength);
       const header = await readExactly(file, path, 8, n, "the header");
@@ -280,19 +307,22 @@ export class SafetensorsFile {
   info(name: string): TensorInfo {
     const info = this.#tensors.get(name);
     if (!info) {
-      throw fileError(this.path, `no tensor "${name}". ${closeNamesHint(name, this.#tensors.keys())}`);
+      throw fileError(
+        this.path,
+        `no tensor "${name}". ${closeNamesHint(name, this.#tensors.keys())}`,
+      );
     }
     return info;
   }
 
   /** The tensor's raw little-endian bytes (a fresh buffer, only this tensor's bytes are read). */
-  readBytes(name: string): Promise<Uint8Array> {
+  async readBytes(name: string): Promise<Uint8Array> {
     const { byteOffset, byteLength } = this.info(name);
     const read = this.#queue.then(async () =>
       readExactly(await this.#handle(), this.path, byteOffset, byteLength, `tensor "${name}"`)
     );
     this.#queue = read.catch(() => undefined);
-    return read;
+    return await read;
   }
 
   /** The tensor as f32: exact for F32/F16/BF16, rounded to nearest for F64 and integers. */
@@ -305,7 +335,10 @@ export class SafetensorsFile {
   async readIntegers(name: string): Promise<number[]> {
     const { dtype } = this.info(name);
     if (!INTEGER_DTYPES.has(dtype)) {
-      throw fileError(this.path, `tensor "${name}" is ${dtype}, not an integer dtype; read it with readF32`);
+      throw fileError(
+        this.path,
+        `tensor "${name}" is ${dtype}, not an integer dtype; read it with readF32`,
+      );
     }
     const bytes = await this.readBytes(name);
     try {
@@ -355,7 +388,10 @@ function encodeHeader(
       throw fileError(path, `${where} has unknown dtype ${JSON.stringify(dtype)}`);
     }
     if (!isShape(shape)) {
-      throw fileError(path, `${where}: shape ${JSON.stringify(shape)} is not a list of non-negative integers`);
+      throw fileError(
+        path,
+        `${where}: shape ${JSON.stringify(shape)} is not a list of non-negative integers`,
+      );
     }
     const mismatch = dataTypeMismatch(data, dtype);
     if (mismatch) throw fileError(path, `${where}: ${mismatch}`);

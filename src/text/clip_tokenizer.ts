@@ -13,8 +13,8 @@
 import { Tokenizer } from "@huggingface/tokenizers";
 import {
   type JsonObject,
-  parseJsonObject,
   readOptionalJsonObject,
+  readRequiredJsonObject,
   readRequiredText,
   specialTokenContent,
 } from "./tokenizer_files.ts";
@@ -236,7 +236,9 @@ export class ClipTokenizer {
   /** Tokenizes captions into one row-major `[B, 77]` id array. */
   encodeBatch(texts: readonly string[]): ClipBatchEncoding {
     if (!Array.isArray(texts)) {
-      throw new TypeError(`ClipTokenizer.encodeBatch expects an array of strings, got ${typeof texts}`);
+      throw new TypeError(
+        `ClipTokenizer.encodeBatch expects an array of strings, got ${typeof texts}`,
+      );
     }
     const ids = new Int32Array(texts.length * CLIP_SEQUENCE_LENGTH);
     const lengths: number[] = [];
@@ -313,13 +315,12 @@ export async function loadClipTokenizer(
   folder: string,
   options: ClipTokenizerOptions = {},
 ): Promise<ClipTokenizer> {
-  const [vocabText, merges, specialTokensMap, tokenizerConfig] = await Promise.all([
-    readRequiredText(folder, "vocab.json", CLIP_FOLDER_HINT),
+  const [vocab, merges, specialTokensMap, tokenizerConfig] = await Promise.all([
+    readRequiredJsonObject(folder, "vocab.json", CLIP_FOLDER_HINT),
     readRequiredText(folder, "merges.txt", CLIP_FOLDER_HINT),
     readOptionalJsonObject(folder, "special_tokens_map.json"),
     readOptionalJsonObject(folder, "tokenizer_config.json"),
   ]);
-  const vocab = parseJsonObject(vocabText, `${folder}/vocab.json`);
   return ClipTokenizer.fromFiles(
     { vocab, merges, specialTokensMap, tokenizerConfig, source: folder },
     options,

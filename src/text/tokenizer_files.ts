@@ -9,7 +9,11 @@ import { join } from "node:path";
 export type JsonObject = Record<string, unknown>;
 
 /** Reads a required text file of a tokenizer folder; `hint` says what the folder should hold. */
-export async function readRequiredText(folder: string, file: string, hint: string): Promise<string> {
+export async function readRequiredText(
+  folder: string,
+  file: string,
+  hint: string,
+): Promise<string> {
   const text = await readOptionalText(folder, file);
   if (text === undefined) throw new Error(`tokenizer folder "${folder}" has no ${file} (${hint})`);
   return text;
@@ -48,7 +52,7 @@ export async function readOptionalJsonObject(
 }
 
 /** Parses `text` (read from `path`) as a JSON object. */
-export function parseJsonObject(text: string, path: string): JsonObject {
+function parseJsonObject(text: string, path: string): JsonObject {
   let value: unknown;
   try {
     value = JSON.parse(text);

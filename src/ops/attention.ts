@@ -1,0 +1,197 @@
+/**
+ * Multi-head scaled dot-product attention on the layout the q/k/v projections produce:
+ * q [B, Tq, nq*hd], k and v [B, Tk, nkv*hd], result [B, Tq, nq*hd] (all f32). Head h of q
+ * owns features [h*hd, (h+1)*hd) and reads KV head floor(h / (nq/nkv)) (GQA).
+ *
+ * Masks: `causal` (query i sees keys j <= i), and at most one key mask, either per-batch
+ * `keyLengths` (right padding; keys from `alwaysVisibleFrom` on are never masked, which is the
+ * resampler's [x positions, latent positions] key order) or a general `keyMask` [B, Tk].
+ * A query whose keys are all masked gets zeros.
+ */
+import code from "../../kernels/attention.wgsl" with { type: "text" };
+import { f32, type Gpu } from "../gpu/device.ts";
+import type { Tensor } from "../gpu/tensor.ts";
+import { requireDType, requireOut, requirePositiveInteger } from "./checks.ts";
+import { type IndexInput, indexTensor } from "./indices.ts";
+
+/** lse of a query row with no visible key: large enough that exp(score - lse) is 0. */
+export const ATTENTION_EMPTY_LSE = 3.4028234663852886e38;
+
+/** Largest head dimension the kernel holds in registers (8 lanes x 16 features per row). */
+export const ATTENTION_MAX_HEAD_DIM = 128;
+
+const QUERY_ROWS = 16;
+
+export interface AttentionOptions {
+  /** Query heads nq; q's last axis is nq * hd. */
+  numHeads: number;
+  /** KV heads nkv (default numHeads); numHeads must be a multiple of it. */
+  numKvHeads?: number;
+  /** Score scale, default 1 / sqrt(hd). */
+  scale?: number;
+  /** Query i sees keys j <= i; needs Tq == Tk. */
+  causal?: boolean;
+  /**
+   * Valid keys per batch row [B] (right padding): key j of row b is visible when
+   * j < keyLengths[b] or j >= alwaysVisibleFrom. Host values are checked against
+   * [0, alwaysVisibleFrom] and uploaded (which submits pending work; in a loop over layers
+   * upload once and pass the u32/i32 tensor).
+   */
+  keyLengths?: IndexInput;
+  /** First key that `keyLengths` never masks (default Tk). */
+  alwaysVisibleFrom?: number;
+  /** General key mask [B, Tk], nonzero = visible (host values or a u32/i32 tensor). */
+  keyMask?: IndexInput;
+  /** Write the result into this f32 tensor of q's size instead of a new one. */
+  out?: Tensor;
+}
+
+export interface AttentionResult {
+  out: Tensor;
+  /**
+   * Per-row log-sum-exp of the scaled, masked scores, [B, nq, Tq]: the softmax is
+   * exp(scale * q.k - lse). Rows with no visible key hold ATTENTION_EMPTY_LSE.
+   */
+  lse: Tensor;
+}
+
+interface AttentionShape {
+  batch: number;
+  tq: number;
+  tk: number;
+  nq: number;
+  nkv: number;
+  hd: number;
+}
+
+function attentionShape(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): AttentionShape {
+  const op = "attention";
+  for (const [arg, t] of [["q", q], ["k", k], ["v", v]] as const) {
+    requireDType(op, arg, t, ["f32"]);
+    if (t.shape.length !== 3) {
+      throw new Error(`${op}: ${arg} '${t.name}' [${t.shape}] must be [B, T, heads * head_dim]`);
+    }
+  }
+  const nq = opts.numHeads;
+  const nkv = opts.numKvHeads ?? nq;
+  requirePositiveInteger(op, "numHeads", nq);
+  requirePositiveInteger(op, "numKvHeads", nkv);
+  if (nq % nkv !== 0) {
+    throw new Error(`${op}: numHeads ${nq} must be a multiple of numKvHeads ${nkv}`);
+  }
+  const [batch, tq, qWidth] = q.shape;
+  const [, tk, kWidth] = k.shape;
+  const hd = qWidth / nq;
+  if (!Number.isInteger(hd) || hd < 1 || hd > ATTENTION_MAX_HEAD_DIM) {
+    throw new Error(
+      `${op}: q '${q.name}' [${q.shape}] last axis must be numHeads (${nq}) x head_dim, ` +
+        `with head_dim an integer from 1 to ${ATTENTION_MAX_HEAD_DIM}`,
+    );
+  }
+  const kvShape = [batch, tk, nkv * hd];
+  for (const [arg, t] of [["k", k], ["v", v]] as const) {
+    if (t.shape.some((d, i) => d !== kvShape[i])) {
+      throw new Error(
+        `${op}: ${arg} '${t.name}' [${t.shape}] must be [${kvShape}] ` +
+          `(batch of q, Tk, numKvHeads ${nkv} x head_dim ${hd})`,
+      );
+    }
+  }
+  if (opts.causal && tq !== tk) {
+    throw new Error(`${op}: causal attention needs as many queries as keys, got Tq ${tq}, Tk ${tk}`);
+  }
+  return { batch, tq, tk, nq, nkv, hd };
+}
+
+/**
+ * Keys per tile: 16 unless workgroup memory (q tile + padded kv tile + scores, sized for the
+ * largest head_dim) is short. head_dim is a runtime parameter, not a WGSL constant, because
+ * llvmpipe's GL compiler unrolls constant-bound loops and then takes minutes per pipeline.
+ */
+function keyTile(gpu: Gpu): number {
+  const limit = gpu.limits.maxComputeWorkgroupStorageSize;
+  const hd = ATTENTION_MAX_HEAD_DIM;
+  for (const bk of [16, 8]) {
+    if (4 * (QUERY_ROWS * hd + bk * (hd + 1) + QUERY_ROWS * bk) <= limit) return bk;
+  }
+  throw new Error(`attention: needs more workgroup memory than this adapter's ${limit} bytes`);
+}
+
+/** Attention plus the per-row log-sum-exp a backward pass needs. */
+export function attentionWithStats(
+  gpu: Gpu,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  opts: AttentionOptions,
+): AttentionResult {
+  const s = attentionShape(q, k, v, opts);
+  if (opts.keyLengths !== undefined && opts.keyMask !== undefined) {
+    throw new Error("attention: pass keyLengths or keyMask, not both");
+  }
+  const visibleFrom = opts.alwaysVisibleFrom ?? s.tk;
+  if (!Number.isInteger(visibleFrom) || visibleFrom < 0 || visibleFrom > s.tk) {
+    throw new Error(`attention: alwaysVisibleFrom ${visibleFrom} must be an integer in [0, Tk = ${s.tk}]`);
+  }
+  let maskMode = 0;
+  let keyValid = null;
+  if (opts.keyLengths !== undefined) {
+    maskMode = 1;
+    keyValid = indexTensor(gpu, "attention", "keyLengths", opts.keyLengths, {
+      length: { count: s.batch, meaning: "one length per batch row" },
+      check: (len, b) => {
+        if (len < 0 || len > visibleFrom) {
+          throw new Error(
+            `attention: keyLengths[${b}] = ${len} is outside [0, ${visibleFrom}] (the maskable keys)`,
+          );
+        }
+      },
+    });
+  } else if (opts.keyMask !== undefined) {
+    maskMode = 2;
+    keyValid = indexTensor(gpu, "attention", "keyMask", opts.keyMask, {
+      length: { count: s.batch * s.tk, meaning: "a [B, Tk] mask" },
+      check: () => {},
+    });
+  }
+  const out = opts.out ?? gpu.empty(q.shape, "f32", `attention(${q.name})`);
+  if (opts.out) requireOut("attention", opts.out, q.size, [q, k, v]);
+  const lse = gpu.empty([s.batch, s.nq, s.tq], "f32", `attention.lse(${q.name})`);
+  gpu.dispatch({
+    kernel: {
+      name: "attention",
+      code,
+      constants: { BK: keyTile(gpu) },
+    },
+    params: [
+      s.tq,
+      s.tk,
+      s.nq,
+      s.nkv,
+      f32(opts.scale ?? 1 / Math.sqrt(s.hd)),
+      opts.causal ? 1 : 0,
+      maskMode,
+      visibleFrom,
+      s.hd,
+    ],
+    // Without a mask the kernel never reads key_valid, but the slot needs a buffer: q is
+    // read-only there too, so binding it twice is allowed.
+    bindings: [q, k, v, keyValid?.tensor ?? q, out, lse],
+    workgroups: [Math.ceil(s.tq / QUERY_ROWS), s.nq, s.batch],
+  });
+  if (keyValid?.owned) keyValid.tensor.destroy();
+  return { out, lse };
+}
+
+/** softmax(scale * q k^T + masks) v per head; see the module comment for layouts and masks. */
+export function attention(
+  gpu: Gpu,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  opts: AttentionOptions,
+): Tensor {
+  const { out, lse } = attentionWithStats(gpu, q, k, v, opts);
+  lse.destroy();
+  return out;
+}
