@@ -1,4 +1,5 @@
-// Pointwise activations on f32, one invocation per element (the grid wraps x into y).
+// Pointwise activations on f32, one invocation per element (the grid wraps x into y), and
+// their backward entries (*_backward): dx = dy * f'(x), from the forward's input x.
 //
 // erf/erfc are the single-precision rational approximations of fdlibm's s_erff.c
 // (float conversion by Ian Lance Taylor, Cygnus Support), whose notice follows:
@@ -19,6 +20,9 @@ struct Params {
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+// Backward only: the gradient of the output, and swiglu's second gradient (d up).
+@group(0) @binding(4) var<storage, read> grad: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out2: array<f32>;
 
 override WG: u32 = 256u;
 
@@ -32,14 +36,25 @@ fn index(gid: vec3u, nwg: vec3u) -> u32 {
 
 // exp(-|x|) never overflows, whereas exp(-x) for x = -100 would (and WGSL leaves the
 // value of an overflowing exp undefined).
-fn sigmoid(x: f32) -> f32 {
+// (sigmoid(x), sigmoid(-x)), each accurate on its own (1 - sigmoid(x) would cancel).
+fn sigmoid_pair(x: f32) -> vec2f {
   let e = exp(-abs(x));
   let r = 1.0 / (1.0 + e);
-  return select(e * r, r, x >= 0.0);
+  return select(vec2f(e * r, r), vec2f(r, e * r), x >= 0.0);
+}
+
+fn sigmoid(x: f32) -> f32 {
+  return sigmoid_pair(x).x;
 }
 
 fn silu_f(x: f32) -> f32 {
   return x * sigmoid(x);
+}
+
+// d/dx x sigmoid(x) = sigmoid(x) (1 + x sigmoid(-x)).
+fn silu_grad(x: f32) -> f32 {
+  let s = sigmoid_pair(x);
+  return s.x * (1.0 + x * s.y);
 }
 
 // (erf(a), erfc(a)) for a >= 0, each to about an ulp in absolute terms; erfc is also
@@ -98,16 +113,30 @@ fn erf_f(x: f32) -> f32 {
   return select(e, -e, x < 0.0);
 }
 
-// 0.5 x (1 + erf(x / sqrt 2)); for x < 0, 1 + erf(u) = erfc(|u|) avoids the cancellation.
-fn gelu_f(x: f32) -> f32 {
+// The standard normal CDF, 0.5 (1 + erf(x / sqrt 2)); for x < 0, 1 + erf(u) = erfc(|u|)
+// avoids the cancellation.
+fn normal_cdf(x: f32) -> f32 {
   let u = x * 0.70710678118654752;
   let parts = erf_erfc_nonneg(abs(u));
-  let cdf = select(1.0 + parts.x, parts.y, u < 0.0);
-  return 0.5 * x * cdf;
+  return 0.5 * select(1.0 + parts.x, parts.y, u < 0.0);
+}
+
+fn gelu_f(x: f32) -> f32 {
+  return x * normal_cdf(x);
+}
+
+// d/dx x Phi(x) = Phi(x) + x phi(x), phi the standard normal density.
+fn gelu_grad(x: f32) -> f32 {
+  return normal_cdf(x) + x * 0.39894228040143268 * exp(-0.5 * x * x);
 }
 
 fn quick_gelu_f(x: f32) -> f32 {
   return x * sigmoid(1.702 * x);
+}
+
+// d/dx x sigmoid(k x) = silu'(k x) with k = 1.702.
+fn quick_gelu_grad(x: f32) -> f32 {
+  return silu_grad(1.702 * x);
 }
 
 @compute @workgroup_size(WG)
@@ -139,4 +168,36 @@ fn erf(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: 
 fn swiglu(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
   let i = index(gid, nwg);
   if (i < p.n) { out[i] = silu_f(a[i]) * b[i]; }
+}
+
+@compute @workgroup_size(WG)
+fn silu_backward(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let i = index(gid, nwg);
+  if (i < p.n) { out[i] = grad[i] * silu_grad(a[i]); }
+}
+
+@compute @workgroup_size(WG)
+fn gelu_backward(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let i = index(gid, nwg);
+  if (i < p.n) { out[i] = grad[i] * gelu_grad(a[i]); }
+}
+
+@compute @workgroup_size(WG)
+fn quick_gelu_backward(
+  @builtin(global_invocation_id) gid: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+) {
+  let i = index(gid, nwg);
+  if (i < p.n) { out[i] = grad[i] * quick_gelu_grad(a[i]); }
+}
+
+// d gate = d out * up * silu'(gate) into out, d up = d out * silu(gate) into out2.
+@compute @workgroup_size(WG)
+fn swiglu_backward(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let i = index(gid, nwg);
+  if (i < p.n) {
+    let g = a[i];
+    out[i] = grad[i] * b[i] * silu_grad(g);
+    out2[i] = grad[i] * silu_f(g);
+  }
 }

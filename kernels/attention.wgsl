@@ -1,13 +1,21 @@
 // Multi-head scaled dot-product attention, flash style (online softmax, f32 throughout).
 //
-// q [B, Tq, nq*hd], k and v [B, Tk, nkv*hd], out like q; head h of q reads KV head
-// h / (nq / nkv). One workgroup per (query block of BQ rows, head, batch): BQ rows x LANES
-// lanes. Each key tile is staged in workgroup memory twice (K, then V in the same array);
-// the running max m and sum l of every row stay in registers, so the [Tq, Tk] score matrix
-// never exists. lse = m + log(l) is kept per row for a backward pass.
+// q [B, Tq, nq*hd], k and v [B, Tk, nkv*hd], out like q, all read as vec4 (hd is a multiple
+// of 4, at most 128); head h of q reads KV head h / (nq / nkv). One workgroup per (block of
+// BQ query rows, head, batch), LANES invocations per row. Keys go by in tiles of BK: each lane
+// scores 4 keys of the tile, the row's lanes share their scores through workgroup memory, and
+// each lane then accumulates its share of the output features (vec4 indices lane,
+// lane + LANES, ...). The running max m and sum l of every row stay in registers, so the
+// [Tq, Tk] score matrix never exists; lse = m + log(l) is kept per row for a backward pass.
 //
-// Masked keys are skipped, not given -inf scores: WGSL does not promise IEEE infinities, so
-// every value here stays finite. A row with no visible key gets zeros and lse = EMPTY_LSE.
+// K and V are read straight from storage (cached) rather than staged in workgroup memory:
+// WGSL zero-initialises workgroup arrays, and naga's GL backend does that with one array
+// constructor that llvmpipe takes minutes to compile once the arrays hold a few thousand
+// floats.
+//
+// Masked keys get probability 0 through a MASKED sentinel score instead of -inf (WGSL does
+// not promise IEEE infinities, so every value stays finite). A row with no visible key gets
+// zeros and lse = EMPTY_LSE.
 
 struct Params {
   tq: u32,
@@ -20,35 +28,35 @@ struct Params {
   // j < length or j >= visible_from; 2: key_valid is a mask [B, Tk], nonzero = visible.
   mask_mode: u32,
   visible_from: u32,
-  hd: u32,
+  // head_dim / 4
+  hd4: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<vec4f>;
+@group(0) @binding(2) var<storage, read> k: array<vec4f>;
+@group(0) @binding(3) var<storage, read> v: array<vec4f>;
 @group(0) @binding(4) var<storage, read> key_valid: array<u32>;
-@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<vec4f>;
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
 
-// Keys per tile; the host lowers it when workgroup memory is small.
-override BK: u32 = 16u;
 const BQ: u32 = 16u;
 const LANES: u32 = 8u;
 const WG: u32 = 128u; // BQ * LANES
-// Output features per lane: lane owns d = lane, lane + LANES, ..., so hd <= LANES * DIMS.
-const DIMS: u32 = 16u;
-const HD_MAX: u32 = 128u; // LANES * DIMS
+const BK: u32 = 32u; // LANES * 4 keys
+const TILE4: u32 = 8u; // BK / 4
 const MASKED: f32 = -3.4028235e38;
 const EMPTY_LSE: f32 = 3.4028235e38;
 
-var<workgroup> q_tile: array<f32, BQ * HD_MAX>;
-// Staged key rows are hd + 1 apart: the 8 lanes of a row read 8 different keys at the same
-// d, and the padding word keeps them off a single memory bank.
-var<workgroup> kv_tile: array<f32, BK * (HD_MAX + 1u)>;
-var<workgroup> scores: array<f32, BQ * BK>;
+// Scores of the current tile, one vec4 (4 keys) per lane, then their exponentials (a second
+// array, so writing them needs no barrier after the max is read).
+var<workgroup> scores: array<vec4f, BQ * TILE4>;
+var<workgroup> probs: array<vec4f, BQ * TILE4>;
 
-fn key_visible(b: u32, j: u32) -> bool {
+fn key_visible(b: u32, i: u32, j: u32) -> bool {
+  if (j >= p.tk || (p.causal != 0u && j > i)) {
+    return false;
+  }
   switch p.mask_mode {
     case 1u: {
       return j < key_valid[b] || j >= p.visible_from;
@@ -62,6 +70,10 @@ fn key_visible(b: u32, j: u32) -> bool {
   }
 }
 
+fn max4(x: vec4f) -> f32 {
+  return max(max(x.x, x.y), max(x.z, x.w));
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) t: u32) {
   let b = wid.z;
@@ -71,85 +83,76 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) t: u
   let row = t / LANES;
   let lane = t % LANES;
   let i = q0 + row;
-  let hd = p.hd;
-  let kv_row = hd + 1u;
-  let q_stride = p.nq * hd;
-  let kv_stride = p.nkv * hd;
-  let q_base = b * p.tq * q_stride + h * hd;
-  let kv_base = b * p.tk * kv_stride + kvh * hd;
-
-  // The scale is folded into q so scores come out scaled.
-  for (var e = t; e < BQ * hd; e += WG) {
-    let qi = q0 + e / hd;
-    var x = 0.0;
-    if (qi < p.tq) {
-      x = q[q_base + qi * q_stride + e % hd] * p.scale;
-    }
-    q_tile[e] = x;
-  }
+  let hd4 = p.hd4;
+  let q_stride = p.nq * hd4;
+  let kv_stride = p.nkv * hd4;
+  // Rows past Tq in the last block compute on row Tq - 1 and write nothing.
+  let q_row = (b * p.tq + min(i, p.tq - 1u)) * q_stride + h * hd4;
+  let kv_base = b * p.tk * kv_stride + kvh * hd4;
 
   var m = MASKED;
   var l = 0.0;
-  var acc: array<f32, DIMS>;
+  var acc0 = vec4f(0.0);
+  var acc1 = vec4f(0.0);
+  var acc2 = vec4f(0.0);
+  var acc3 = vec4f(0.0);
   // Under the causal mask no row of this block sees a key past its last row.
   var k_end = p.tk;
   if (p.causal != 0u) {
     k_end = min(p.tk, q0 + BQ);
   }
   for (var k0 = 0u; k0 < k_end; k0 += BK) {
-    workgroupBarrier();
-    for (var e = t; e < BK * hd; e += WG) {
-      let j = k0 + e / hd;
-      var x = 0.0;
-      if (j < p.tk) {
-        x = k[kv_base + j * kv_stride + e % hd];
-      }
-      kv_tile[(e / hd) * kv_row + e % hd] = x;
+    // This lane's keys j0 .. j0 + 3; those past Tk read key Tk - 1 and are masked.
+    let j0 = k0 + 4u * lane;
+    let r0 = kv_base + min(j0, p.tk - 1u) * kv_stride;
+    let r1 = kv_base + min(j0 + 1u, p.tk - 1u) * kv_stride;
+    let r2 = kv_base + min(j0 + 2u, p.tk - 1u) * kv_stride;
+    let r3 = kv_base + min(j0 + 3u, p.tk - 1u) * kv_stride;
+    var dots = vec4f(0.0);
+    for (var d = 0u; d < hd4; d++) {
+      let qd = q[q_row + d];
+      dots += vec4f(dot(qd, k[r0 + d]), dot(qd, k[r1 + d]), dot(qd, k[r2 + d]), dot(qd, k[r3 + d]));
     }
-    workgroupBarrier();
-    for (var c = lane; c < BK; c += LANES) {
-      let j = k0 + c;
-      var s = MASKED;
-      if (j < p.tk && (p.causal == 0u || j <= i) && key_visible(b, j)) {
-        s = 0.0;
-        for (var d = 0u; d < hd; d++) {
-          s += q_tile[row * hd + d] * kv_tile[c * kv_row + d];
-        }
-      }
-      scores[row * BK + c] = s;
-    }
-    workgroupBarrier();
-    for (var e = t; e < BK * hd; e += WG) {
-      let j = k0 + e / hd;
-      var x = 0.0;
-      if (j < p.tk) {
-        x = v[kv_base + j * kv_stride + e % hd];
-      }
-      kv_tile[(e / hd) * kv_row + e % hd] = x;
-    }
+    let visible = vec4<bool>(
+      key_visible(b, i, j0),
+      key_visible(b, i, j0 + 1u),
+      key_visible(b, i, j0 + 2u),
+      key_visible(b, i, j0 + 3u),
+    );
+    let s = select(vec4f(MASKED), dots * p.scale, visible);
+    scores[row * TILE4 + lane] = s;
     workgroupBarrier();
 
     var m_new = m;
-    for (var c = 0u; c < BK; c++) {
-      m_new = max(m_new, scores[row * BK + c]);
+    for (var c = 0u; c < TILE4; c++) {
+      m_new = max(m_new, max4(scores[row * TILE4 + c]));
     }
     // Both finite: exp(MASKED - real max) underflows to 0, exp(0) = 1 while nothing is seen.
+    probs[row * TILE4 + lane] = select(vec4f(0.0), exp(s - m_new), visible);
+    workgroupBarrier();
+
     let alpha = exp(m - m_new);
     l *= alpha;
-    for (var x = 0u; x < DIMS; x++) {
-      acc[x] *= alpha;
-    }
-    for (var c = 0u; c < BK; c++) {
-      let s = scores[row * BK + c];
-      if (s != MASKED) {
-        let pc = exp(s - m_new);
-        l += pc;
-        for (var x = 0u; x < DIMS; x++) {
-          let d = lane + x * LANES;
-          if (d < hd) {
-            acc[x] += pc * kv_tile[c * kv_row + d];
-          }
-        }
+    acc0 *= alpha;
+    acc1 *= alpha;
+    acc2 *= alpha;
+    acc3 *= alpha;
+    let tile_keys = min(BK, p.tk - k0);
+    for (var c = 0u; c < tile_keys; c++) {
+      let pc = probs[row * TILE4 + c / 4u][c % 4u];
+      l += pc;
+      let v_row = kv_base + (k0 + c) * kv_stride;
+      if (lane < hd4) {
+        acc0 += pc * v[v_row + lane];
+      }
+      if (lane + LANES < hd4) {
+        acc1 += pc * v[v_row + lane + LANES];
+      }
+      if (lane + 2u * LANES < hd4) {
+        acc2 += pc * v[v_row + lane + 2u * LANES];
+      }
+      if (lane + 3u * LANES < hd4) {
+        acc3 += pc * v[v_row + lane + 3u * LANES];
       }
     }
     m = m_new;
@@ -164,12 +167,18 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) t: u
     inv_l = 1.0 / l;
     row_lse = m + log(l);
   }
-  let o_base = q_base + i * q_stride;
-  for (var x = 0u; x < DIMS; x++) {
-    let d = lane + x * LANES;
-    if (d < hd) {
-      out[o_base + d] = acc[x] * inv_l;
-    }
+  let o_row = (b * p.tq + i) * q_stride + h * hd4;
+  if (lane < hd4) {
+    out[o_row + lane] = acc0 * inv_l;
+  }
+  if (lane + LANES < hd4) {
+    out[o_row + lane + LANES] = acc1 * inv_l;
+  }
+  if (lane + 2u * LANES < hd4) {
+    out[o_row + lane + 2u * LANES] = acc2 * inv_l;
+  }
+  if (lane + 3u * LANES < hd4) {
+    out[o_row + lane + 3u * LANES] = acc3 * inv_l;
   }
   if (lane == 0u) {
     lse[(b * p.nq + h) * p.tq + i] = row_lse;

@@ -4,6 +4,7 @@
 struct Params {
   n: u32,
   scale: f32,
+  seed: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -39,4 +40,21 @@ fn scale(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg
 fn add_in_place(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
   let i = index(gid, nwg);
   if (i < p.n) { out[i] = out[i] + b[i]; }
+}
+
+// Inverted dropout with a mask derived from (seed, index) by a PCG hash, so the backward
+// pass regenerates the same mask instead of storing it. `scale` holds the drop probability.
+fn pcg_hash(v: u32) -> u32 {
+  let state = v * 747796405u + 2891336453u;
+  let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
+  return (word >> 22u) ^ word;
+}
+
+@compute @workgroup_size(WG)
+fn dropout(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let i = index(gid, nwg);
+  if (i < p.n) {
+    let r = f32(pcg_hash(pcg_hash(i) ^ p.seed) >> 8u) * (1.0 / 16777216.0);
+    out[i] = select(0.0, a[i] / (1.0 - p.scale), r >= p.scale);
+  }
 }

@@ -2,12 +2,32 @@
 // workgroup_reduce.wgsl). Statistics are two-pass in f32: the mean first, then the
 // centred sum of squares, so a large mean does not cancel the variance.
 // The *_stats entries also store per-row mean / rstd for the backward pass.
+//
+// Backward (norm_backward, norm_param_grad_partial, column_sum), with xhat the normalised
+// row (centred for LayerNorm), g = dy * weight and everything per row:
+//   dx      = rstd * (g - mean(g) - xhat * mean(g * xhat))    (RMSNorm: no mean(g) term)
+//   dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy.
+// The parameter gradients are summed without atomics, so they are bitwise reproducible:
+// each invocation owns one column of one chunk of rows and writes its partial sum, then
+// column_sum adds the chunks in order.
 
 struct Params {
   rows: u32,
   d: u32,
   eps: f32,
+  // Backward only from here on.
+  flags: u32,
+  chunk_rows: u32,
+  // column_sum: partial holds [rows (= chunks), stride] and column j is at offset + j.
+  stride: u32,
+  offset: u32,
 }
+
+// Centred with a bias (LayerNorm); otherwise RMSNorm, and saved_mean is never read.
+const LAYER_NORM: u32 = 1u;
+// norm_backward adds into dx instead of overwriting it.
+const ACCUMULATE: u32 = 2u;
+const COLUMN_WG: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -16,6 +36,13 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 @group(0) @binding(5) var<storage, read_write> mean_out: array<f32>;
 @group(0) @binding(6) var<storage, read_write> rstd_out: array<f32>;
+@group(0) @binding(7) var<storage, read> dy: array<f32>;
+@group(0) @binding(8) var<storage, read> saved_mean: array<f32>;
+@group(0) @binding(9) var<storage, read> saved_rstd: array<f32>;
+@group(0) @binding(10) var<storage, read_write> dx: array<f32>;
+// [chunks, stride]: per chunk of rows, the partial dweight (then dbias) of every column.
+@group(0) @binding(11) var<storage, read_write> partial: array<f32>;
+@group(0) @binding(12) var<storage, read_write> column_sum_out: array<f32>;
 
 // Returns (mean, rstd) of the row after writing y = (x - mean) * rstd * w + b.
 fn layer_norm_row(row: u32, lid: u32) -> vec2f {
@@ -97,4 +124,70 @@ fn rms_norm_stats(
   if (row >= p.rows) { return; }
   let rstd = rms_norm_row(row, lid);
   if (lid == 0u) { rstd_out[row] = rstd; }
+}
+
+@compute @workgroup_size(WG)
+fn norm_backward(
+  @builtin(workgroup_id) wid: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) lid: u32,
+) {
+  let row = row_of(wid, nwg);
+  if (row >= p.rows) { return; }
+  let base = row * p.d;
+  let centred = (p.flags & LAYER_NORM) != 0u;
+  var m = 0.0;
+  if (centred) { m = saved_mean[row]; }
+  let s = saved_rstd[row];
+  var sum_g = 0.0;
+  var sum_gx = 0.0;
+  for (var j = lid; j < p.d; j += WG) {
+    let g = dy[base + j] * weight[j];
+    sum_g += g;
+    sum_gx += g * ((x[base + j] - m) * s);
+  }
+  let n = f32(p.d);
+  var mean_g = 0.0;
+  if (centred) { mean_g = workgroup_sum(sum_g, lid) / n; }
+  let mean_gx = workgroup_sum(sum_gx, lid) / n;
+  let accumulate = (p.flags & ACCUMULATE) != 0u;
+  for (var j = lid; j < p.d; j += WG) {
+    let g = dy[base + j] * weight[j];
+    let xhat = (x[base + j] - m) * s;
+    var v = s * (g - mean_g - xhat * mean_gx);
+    if (accumulate) { v += dx[base + j]; }
+    dx[base + j] = v;
+  }
+}
+
+// Invocation (column j, chunk) sums dy * xhat (and dy for LayerNorm) over the chunk's rows.
+@compute @workgroup_size(COLUMN_WG)
+fn norm_param_grad_partial(@builtin(global_invocation_id) gid: vec3u) {
+  let j = gid.x;
+  let chunk = gid.y;
+  if (j >= p.d) { return; }
+  let centred = (p.flags & LAYER_NORM) != 0u;
+  let first = chunk * p.chunk_rows;
+  let end = min(first + p.chunk_rows, p.rows);
+  var dw = 0.0;
+  var db = 0.0;
+  for (var r = first; r < end; r++) {
+    let g = dy[r * p.d + j];
+    var m = 0.0;
+    if (centred) { m = saved_mean[r]; }
+    dw += g * ((x[r * p.d + j] - m) * saved_rstd[r]);
+    db += g;
+  }
+  partial[chunk * p.stride + j] = dw;
+  if (centred) { partial[chunk * p.stride + p.d + j] = db; }
+}
+
+// column_sum_out[j] = sum over the chunks c, in order, of partial[c * stride + offset + j].
+@compute @workgroup_size(COLUMN_WG)
+fn column_sum(@builtin(global_invocation_id) gid: vec3u) {
+  let j = gid.x;
+  if (j >= p.d) { return; }
+  var total = 0.0;
+  for (var c = 0u; c < p.rows; c++) { total += partial[c * p.stride + p.offset + j]; }
+  column_sum_out[j] = total;
 }

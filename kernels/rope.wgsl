@@ -3,6 +3,8 @@
 //   out[i + hd/2] = x[i + hd/2] * cos + x[i] * sin      for i < hd/2,
 // x laid out [tokens, heads, hd]. One invocation per (token, head, i) pair. cos/sin come
 // from a host-built table [positions, hd/2] because WGSL only promises sin/cos to 2^-11.
+// The backward is the inverse rotation (the transpose of a rotation): the same entries with
+// the INVERSE flag, which negates sin.
 
 struct Params {
   pairs: u32,
@@ -14,6 +16,8 @@ struct Params {
 
 // positions[token] gives the position instead of token % seq_len.
 const POSITIONS: u32 = 1u;
+// Rotate by -angle: dx from dy.
+const INVERSE: u32 = 2u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -41,7 +45,8 @@ fn locate(pair: u32) -> vec2u {
 }
 
 fn rotate(first: f32, second: f32, cs: vec2f) -> vec2f {
-  return vec2f(first * cs.x - second * cs.y, second * cs.x + first * cs.y);
+  let sin = select(cs.y, -cs.y, (p.flags & INVERSE) != 0u);
+  return vec2f(first * cs.x - second * sin, second * cs.x + first * sin);
 }
 
 @compute @workgroup_size(WG)

@@ -3,6 +3,9 @@
 // (j <= i + offset) and the key-padding mask both allow it; hidden keys get probability 0,
 // and a row with no visible key is all zeros (the max stays at -FLT_MAX, no exp is summed,
 // and every entry is hidden), where torch's -inf masking would give NaN.
+//
+// softmax_backward: d scores = scale * P * (dP - sum_j dP_j P_j) per row. Hidden keys have
+// P = 0, so they get a zero gradient without the masks.
 
 struct Params {
   rows: u32,
@@ -26,6 +29,10 @@ const LOWEST: f32 = -3.40282347e38;
 // Without a mask any read-only buffer is bound here; it is then never read.
 @group(0) @binding(2) var<storage, read> key_mask: array<i32>;
 @group(0) @binding(3) var<storage, read_write> probs: array<f32>;
+// Backward only: the forward's probabilities, their gradient and the scores' gradient.
+@group(0) @binding(4) var<storage, read> saved_probs: array<f32>;
+@group(0) @binding(5) var<storage, read> d_probs: array<f32>;
+@group(0) @binding(6) var<storage, read_write> d_scores: array<f32>;
 
 fn visible(batch: u32, query: u32, key: u32) -> bool {
   if ((p.flags & CAUSAL) != 0u && i32(key) > i32(query) + p.causal_offset) { return false; }
@@ -62,5 +69,22 @@ fn softmax(
     var prob = 0.0;
     if (visible(batch, query, j)) { prob = exp(scores[base + j] * p.scale - m) / sum; }
     probs[base + j] = prob;
+  }
+}
+
+@compute @workgroup_size(WG)
+fn softmax_backward(
+  @builtin(workgroup_id) wid: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) lid: u32,
+) {
+  let row = row_of(wid, nwg);
+  if (row >= p.rows) { return; }
+  let base = row * p.tk;
+  var row_dot = 0.0;
+  for (var j = lid; j < p.tk; j += WG) { row_dot += d_probs[base + j] * saved_probs[base + j]; }
+  row_dot = workgroup_sum(row_dot, lid);
+  for (var j = lid; j < p.tk; j += WG) {
+    d_scores[base + j] = p.scale * saved_probs[base + j] * (d_probs[base + j] - row_dot);
   }
 }

@@ -51,3 +51,38 @@ export function quickGeluRef(x: number): number {
 export function swigluRef(gate: Float32Array, up: Float32Array): Float32Array {
   return gate.map((g, i) => siluRef(g) * up[i]);
 }
+
+/** Standard normal density. */
+function normalPdfRef(x: number): number {
+  return Math.exp(-0.5 * x * x) / Math.sqrt(2 * Math.PI);
+}
+
+/** d/dx x sigmoid(x) = sigmoid(x) + x sigmoid(x) sigmoid(-x). */
+export function siluGradRef(x: number): number {
+  return sigmoidRef(x) * (1 + x * sigmoidRef(-x));
+}
+
+/** d/dx x Phi(x) = Phi(x) + x phi(x). */
+export function geluGradRef(x: number): number {
+  return 0.5 * erfcRef(-x / Math.SQRT2) + x * normalPdfRef(x);
+}
+
+/** d/dx x sigmoid(k x) = sigmoid(k x) + k x sigmoid(k x) sigmoid(-k x), k = 1.702. */
+export function quickGeluGradRef(x: number): number {
+  const k = 1.702;
+  return sigmoidRef(k * x) * (1 + k * x * sigmoidRef(-k * x));
+}
+
+export function swigluBackwardRef(
+  dOut: ArrayLike<number>,
+  gate: ArrayLike<number>,
+  up: ArrayLike<number>,
+): { dGate: Float64Array; dUp: Float64Array } {
+  const dGate = new Float64Array(gate.length);
+  const dUp = new Float64Array(gate.length);
+  for (let i = 0; i < gate.length; i++) {
+    dGate[i] = dOut[i] * up[i] * siluGradRef(gate[i]);
+    dUp[i] = dOut[i] * siluRef(gate[i]);
+  }
+  return { dGate, dUp };
+}

@@ -12,12 +12,12 @@ import code from "../../kernels/attention.wgsl" with { type: "text" };
 import { f32, type Gpu } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import { requireDType, requireOut, requirePositiveInteger } from "./checks.ts";
-import { type IndexInput, indexTensor } from "./indices.ts";
+import { type IndexInput, type IndexTensor, indexTensor } from "./indices.ts";
 
 /** lse of a query row with no visible key: large enough that exp(score - lse) is 0. */
 export const ATTENTION_EMPTY_LSE = 3.4028234663852886e38;
 
-/** Largest head dimension the kernel holds in registers (8 lanes x 16 features per row). */
+/** Largest head dimension: 8 lanes per query row, each holding 16 output features. */
 export const ATTENTION_MAX_HEAD_DIM = 128;
 
 const QUERY_ROWS = 16;
@@ -80,12 +80,12 @@ function attentionShape(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions)
     throw new Error(`${op}: numHeads ${nq} must be a multiple of numKvHeads ${nkv}`);
   }
   const [batch, tq, qWidth] = q.shape;
-  const [, tk, kWidth] = k.shape;
+  const tk = k.shape[1];
   const hd = qWidth / nq;
-  if (!Number.isInteger(hd) || hd < 1 || hd > ATTENTION_MAX_HEAD_DIM) {
+  if (!Number.isInteger(hd) || hd % 4 !== 0 || hd < 4 || hd > ATTENTION_MAX_HEAD_DIM) {
     throw new Error(
       `${op}: q '${q.name}' [${q.shape}] last axis must be numHeads (${nq}) x head_dim, ` +
-        `with head_dim an integer from 1 to ${ATTENTION_MAX_HEAD_DIM}`,
+        `with head_dim a multiple of 4 from 4 to ${ATTENTION_MAX_HEAD_DIM} (the kernel reads vec4s)`,
     );
   }
   const kvShape = [batch, tk, nkv * hd];
@@ -98,23 +98,51 @@ function attentionShape(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions)
     }
   }
   if (opts.causal && tq !== tk) {
-    throw new Error(`${op}: causal attention needs as many queries as keys, got Tq ${tq}, Tk ${tk}`);
+    throw new Error(
+      `${op}: causal attention needs as many queries as keys, got Tq ${tq}, Tk ${tk}`,
+    );
   }
   return { batch, tq, tk, nq, nkv, hd };
 }
 
-/**
- * Keys per tile: 16 unless workgroup memory (q tile + padded kv tile + scores, sized for the
- * largest head_dim) is short. head_dim is a runtime parameter, not a WGSL constant, because
- * llvmpipe's GL compiler unrolls constant-bound loops and then takes minutes per pipeline.
- */
-function keyTile(gpu: Gpu): number {
-  const limit = gpu.limits.maxComputeWorkgroupStorageSize;
-  const hd = ATTENTION_MAX_HEAD_DIM;
-  for (const bk of [16, 8]) {
-    if (4 * (QUERY_ROWS * hd + bk * (hd + 1) + QUERY_ROWS * bk) <= limit) return bk;
+interface KeyMask {
+  /** The kernel's mask_mode: 0 none, 1 lengths, 2 [B, Tk] mask. */
+  mode: number;
+  valid: IndexTensor | null;
+  visibleFrom: number;
+}
+
+function keyMask(gpu: Gpu, s: AttentionShape, opts: AttentionOptions): KeyMask {
+  if (opts.keyLengths !== undefined && opts.keyMask !== undefined) {
+    throw new Error("attention: pass keyLengths or keyMask, not both");
   }
-  throw new Error(`attention: needs more workgroup memory than this adapter's ${limit} bytes`);
+  const visibleFrom = opts.alwaysVisibleFrom ?? s.tk;
+  if (!Number.isInteger(visibleFrom) || visibleFrom < 0 || visibleFrom > s.tk) {
+    throw new Error(
+      `attention: alwaysVisibleFrom ${visibleFrom} must be an integer in [0, Tk = ${s.tk}]`,
+    );
+  }
+  if (opts.keyLengths !== undefined) {
+    const valid = indexTensor(gpu, "attention", "keyLengths", opts.keyLengths, {
+      length: { count: s.batch, meaning: "one length per batch row" },
+      check: (len, b) => {
+        if (len < 0 || len > visibleFrom) {
+          throw new Error(
+            `attention: keyLengths[${b}] = ${len} is outside [0, ${visibleFrom}] (the maskable keys)`,
+          );
+        }
+      },
+    });
+    return { mode: 1, valid, visibleFrom };
+  }
+  if (opts.keyMask !== undefined) {
+    const valid = indexTensor(gpu, "attention", "keyMask", opts.keyMask, {
+      length: { count: s.batch * s.tk, meaning: "a [B, Tk] mask" },
+      check: () => {},
+    });
+    return { mode: 2, valid, visibleFrom };
+  }
+  return { mode: 0, valid: null, visibleFrom };
 }
 
 /** Attention plus the per-row log-sum-exp a backward pass needs. */
@@ -126,43 +154,12 @@ export function attentionWithStats(
   opts: AttentionOptions,
 ): AttentionResult {
   const s = attentionShape(q, k, v, opts);
-  if (opts.keyLengths !== undefined && opts.keyMask !== undefined) {
-    throw new Error("attention: pass keyLengths or keyMask, not both");
-  }
-  const visibleFrom = opts.alwaysVisibleFrom ?? s.tk;
-  if (!Number.isInteger(visibleFrom) || visibleFrom < 0 || visibleFrom > s.tk) {
-    throw new Error(`attention: alwaysVisibleFrom ${visibleFrom} must be an integer in [0, Tk = ${s.tk}]`);
-  }
-  let maskMode = 0;
-  let keyValid = null;
-  if (opts.keyLengths !== undefined) {
-    maskMode = 1;
-    keyValid = indexTensor(gpu, "attention", "keyLengths", opts.keyLengths, {
-      length: { count: s.batch, meaning: "one length per batch row" },
-      check: (len, b) => {
-        if (len < 0 || len > visibleFrom) {
-          throw new Error(
-            `attention: keyLengths[${b}] = ${len} is outside [0, ${visibleFrom}] (the maskable keys)`,
-          );
-        }
-      },
-    });
-  } else if (opts.keyMask !== undefined) {
-    maskMode = 2;
-    keyValid = indexTensor(gpu, "attention", "keyMask", opts.keyMask, {
-      length: { count: s.batch * s.tk, meaning: "a [B, Tk] mask" },
-      check: () => {},
-    });
-  }
-  const out = opts.out ?? gpu.empty(q.shape, "f32", `attention(${q.name})`);
   if (opts.out) requireOut("attention", opts.out, q.size, [q, k, v]);
+  const mask = keyMask(gpu, s, opts);
+  const out = opts.out ?? gpu.empty(q.shape, "f32", `attention(${q.name})`);
   const lse = gpu.empty([s.batch, s.nq, s.tq], "f32", `attention.lse(${q.name})`);
   gpu.dispatch({
-    kernel: {
-      name: "attention",
-      code,
-      constants: { BK: keyTile(gpu) },
-    },
+    kernel: { name: "attention", code },
     params: [
       s.tq,
       s.tk,
@@ -170,16 +167,16 @@ export function attentionWithStats(
       s.nkv,
       f32(opts.scale ?? 1 / Math.sqrt(s.hd)),
       opts.causal ? 1 : 0,
-      maskMode,
-      visibleFrom,
-      s.hd,
+      mask.mode,
+      mask.visibleFrom,
+      s.hd / 4,
     ],
     // Without a mask the kernel never reads key_valid, but the slot needs a buffer: q is
     // read-only there too, so binding it twice is allowed.
-    bindings: [q, k, v, keyValid?.tensor ?? q, out, lse],
+    bindings: [q, k, v, mask.valid?.tensor ?? q, out, lse],
     workgroups: [Math.ceil(s.tq / QUERY_ROWS), s.nq, s.batch],
   });
-  if (keyValid?.owned) keyValid.tensor.destroy();
+  if (mask.valid?.owned) mask.valid.tensor.destroy();
   return { out, lse };
 }
 

@@ -48,7 +48,9 @@ export function indexTensor(
   const host = new Uint32Array(values.length);
   for (let i = 0; i < values.length; i++) {
     const value = values[i];
-    if (!Number.isInteger(value)) throw new Error(`${op}: ${arg}[${i}] = ${value} is not an integer`);
+    if (!Number.isInteger(value)) {
+      throw new Error(`${op}: ${arg}[${i}] = ${value} is not an integer`);
+    }
     check(value, i);
     host[i] = value;
   }

@@ -2,6 +2,7 @@
  * Rotary position embedding in the rotate-half form of transformers' Qwen3
  * (`apply_rotary_pos_emb`), f32. The cos/sin table is built once on the host
  * (`ropeTable`) and read by the kernel; see `ropeAngles` for how the angles are rounded.
+ * `ropeBackward` rotates the output gradient back (by -angle, the transpose of the rotation).
  */
 import code from "../../kernels/rope.wgsl" with { type: "text" };
 import { type Gpu, grid1d } from "../gpu/device.ts";
@@ -9,7 +10,9 @@ import type { Tensor } from "../gpu/tensor.ts";
 import { requireDType, requireOut, requirePositiveInteger, requireSize } from "./checks.ts";
 
 const WG = 256;
+// Bits of the kernel's `flags` parameter.
 const POSITIONS = 1;
+const INVERSE = 2;
 
 /**
  * How the angle pos * inv_freq is computed:
@@ -97,20 +100,39 @@ export interface RopeOptions {
  * [B*T, heads*hd] output of a projection) by each token's position.
  */
 export function rope(gpu: Gpu, x: Tensor, table: RopeTable, options: RopeOptions): Tensor {
-  const op = "rope";
-  requireDType(op, "x", x, ["f32"]);
+  return rotate(gpu, "rope", "x", x, table, options, false);
+}
+
+/**
+ * The gradient of `rope`: dx from the output gradient dy, with the same table and options
+ * (positions, seqLen) as the forward. `out: dy` rotates the gradient in place.
+ */
+export function ropeBackward(gpu: Gpu, dy: Tensor, table: RopeTable, options: RopeOptions): Tensor {
+  return rotate(gpu, "ropeBackward", "dy", dy, table, options, true);
+}
+
+function rotate(
+  gpu: Gpu,
+  op: string,
+  arg: "x" | "dy",
+  x: Tensor,
+  table: RopeTable,
+  options: RopeOptions,
+  inverse: boolean,
+): Tensor {
+  requireDType(op, arg, x, ["f32"]);
   const { heads, positions, out } = options;
   requirePositiveInteger(op, "heads", heads);
   const tokenSize = heads * table.headDim;
   if (x.size % tokenSize !== 0) {
     throw new Error(
-      `${op}: x '${x.name}' [${x.shape}] must hold whole tokens of heads ${heads} * headDim ` +
+      `${op}: ${arg} '${x.name}' [${x.shape}] must hold whole tokens of heads ${heads} * headDim ` +
         `${table.headDim} = ${tokenSize} elements`,
     );
   }
   const tokens = x.size / tokenSize;
   let seqLen = 1;
-  let flags = 0;
+  let flags = inverse ? INVERSE : 0;
   if (positions) {
     if (options.seqLen !== undefined) throw new Error(`${op}: pass seqLen or positions, not both`);
     requireDType(op, "positions", positions, ["i32", "u32"]);
@@ -121,7 +143,7 @@ export function rope(gpu: Gpu, x: Tensor, table: RopeTable, options: RopeOptions
     requirePositiveInteger(op, "seqLen", seqLen);
     if (tokens % seqLen !== 0) {
       throw new Error(
-        `${op}: x '${x.name}' holds ${tokens} tokens, not a multiple of seqLen ${seqLen}`,
+        `${op}: ${arg} '${x.name}' holds ${tokens} tokens, not a multiple of seqLen ${seqLen}`,
       );
     }
     if (seqLen > table.maxPositions) {
@@ -133,7 +155,7 @@ export function rope(gpu: Gpu, x: Tensor, table: RopeTable, options: RopeOptions
   }
   const inPlace = out !== undefined && out.buffer === x.buffer;
   if (out && !inPlace) requireOut(op, out, x.size, positions ? [x, positions] : [x]);
-  const result = out ?? gpu.empty(x.shape, "f32", `rope(${x.name})`);
+  const result = out ?? gpu.empty(x.shape, "f32", `${op}(${x.name})`);
   const pairs = tokens * heads * (table.headDim / 2);
   const lookup = positions ?? table.cosSin;
   gpu.dispatch({

@@ -1,6 +1,7 @@
 /**
  * Masked, scaled softmax over the last axis of attention scores [batch, heads, Tq, Tk]
- * (f32), one workgroup per row; max-subtracted for stability.
+ * (f32), one workgroup per row; max-subtracted for stability. `softmaxBackward` turns the
+ * gradient of the probabilities into that of the scores.
  */
 import code from "../../kernels/softmax.wgsl" with { type: "text" };
 import { f32, type Gpu, grid1d } from "../gpu/device.ts";
@@ -79,4 +80,43 @@ export function softmax(gpu: Gpu, scores: Tensor, options: SoftmaxOptions = {}):
     workgroups: grid1d(gpu, rows, 1),
   });
   return probs;
+}
+
+export interface SoftmaxBackwardOptions {
+  /** The forward's score scale (default 1): the gradient is that of the unscaled scores. */
+  scale?: number;
+  out?: Tensor;
+}
+
+/**
+ * d scores = scale * P * (dP - sum over the row of dP * P), from the forward's output P
+ * and its gradient dP, over the last axis (any rank). Masked keys (P = 0) get 0.
+ */
+export function softmaxBackward(
+  gpu: Gpu,
+  dP: Tensor,
+  P: Tensor,
+  options: SoftmaxBackwardOptions = {},
+): Tensor {
+  const op = "softmaxBackward";
+  requireDType(op, "dP", dP, ["f32"]);
+  requireDType(op, "P", P, ["f32"]);
+  requireSize(op, "dP", dP, P.size, `the gradient of the probabilities, the size of P '${P.name}'`);
+  const { scale = 1, out } = options;
+  if (out) requireOut(op, out, P.size, [dP, P]);
+  const dScores = out ?? gpu.empty(P.shape, "f32", `${op}(${P.name})`);
+  const tk = P.shape.at(-1) ?? 1;
+  const rows = tk === 0 ? 0 : P.size / tk;
+  gpu.dispatch({
+    kernel: {
+      name: "softmax",
+      code: kernelCode,
+      entry: "softmax_backward",
+      constants: { WG: rowWorkgroupSize(tk) },
+    },
+    params: [rows, 0, 0, tk, f32(scale)],
+    bindings: [null, null, null, P, dP, dScores],
+    workgroups: grid1d(gpu, rows, 1),
+  });
+  return dScores;
 }

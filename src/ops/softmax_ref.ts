@@ -1,4 +1,4 @@
-/** Float64 reference for the masked softmax kernel. */
+/** Float64 references for the masked softmax kernel and its backward. */
 
 export interface SoftmaxRefOptions {
   scale?: number;
@@ -12,11 +12,11 @@ export interface SoftmaxRefOptions {
 
 /** scores [batch, heads, Tq, Tk]; hidden keys get 0, rows with no visible key are all 0. */
 export function softmaxRef(
-  scores: Float32Array,
+  scores: ArrayLike<number>,
   [batch, heads, tq, tk]: readonly [number, number, number, number],
   { scale = 1, causal = false, causalOffset = 0, keyMask, keyLengths }: SoftmaxRefOptions = {},
-): Float32Array {
-  const out = new Float32Array(scores.length);
+): Float64Array {
+  const out = new Float64Array(scores.length);
   for (let b = 0; b < batch; b++) {
     const seen = (i: number, j: number) =>
       (!causal || j <= i + causalOffset) &&
@@ -38,4 +38,20 @@ export function softmaxRef(
     }
   }
   return out;
+}
+
+/** d scores = scale * P * (dP - sum_j dP_j P_j) per row of length `tk`. */
+export function softmaxBackwardRef(
+  dP: ArrayLike<number>,
+  P: ArrayLike<number>,
+  tk: number,
+  scale = 1,
+): Float64Array {
+  const dScores = new Float64Array(P.length);
+  for (let base = 0; base < P.length; base += tk) {
+    let dot = 0;
+    for (let j = 0; j < tk; j++) dot += dP[base + j] * P[base + j];
+    for (let j = 0; j < tk; j++) dScores[base + j] = scale * P[base + j] * (dP[base + j] - dot);
+  }
+  return dScores;
 }

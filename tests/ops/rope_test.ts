@@ -1,7 +1,15 @@
 import assert from "node:assert/strict";
-import { rope, ropeAngle, type RopeAngles, ropeInvFreq, ropeTable } from "../../src/ops/rope.ts";
-import { ropeRef } from "../../src/ops/rope_ref.ts";
+import {
+  rope,
+  ropeAngle,
+  type RopeAngles,
+  ropeBackward,
+  ropeInvFreq,
+  ropeTable,
+} from "../../src/ops/rope.ts";
+import { ropeBackwardRef, ropeRef } from "../../src/ops/rope_ref.ts";
 import { assertNmse, randn, testGpu } from "../helpers.ts";
+import { dot, numericGrad } from "./finite_diff.ts";
 
 function angleOf(headDim: number, theta: number, angles: RopeAngles) {
   const invFreq = ropeInvFreq(headDim, theta, angles);
@@ -75,4 +83,46 @@ Deno.test("rope rejects shapes that are not whole tokens and sequences past the 
   );
   assert.throws(() => ropeTable(gpu, { headDim: 5, theta: 1e4, maxPositions: 4 }), /positive even/);
   for (const t of [table.cosSin, x]) t.destroy();
+});
+
+Deno.test("ropeBackwardRef agrees with finite differences of the forward reference", () => {
+  const [tokens, heads, hd] = [3, 2, 6];
+  const angle = angleOf(hd, 1e4, "float64");
+  const positions = [2, 0, 5];
+  const x = randn(tokens * heads * hd, 60);
+  const dy = randn(x.length, 61);
+  const numeric = numericGrad((v) => dot(dy, ropeRef(v, heads, hd, positions, angle)), x);
+  assertNmse(numeric, ropeBackwardRef(dy, heads, hd, positions, angle), 1e-14, "rope dx");
+});
+
+Deno.test("ropeBackward undoes rope and matches the reference: seqLen, positions, in place", async () => {
+  const gpu = await testGpu();
+  const [b, t, heads, hd] = [3, 7, 5, 24];
+  const table = ropeTable(gpu, { headDim: hd, theta: 1e6, maxPositions: t + 2 });
+  const angle = angleOf(hd, 1e6, "transformers");
+  const dy = randn(b * t * heads * hd, 62);
+  const tdy = gpu.upload(dy, [b * t, heads * hd], "f32", "dy");
+  const dx = ropeBackward(gpu, tdy, table, { heads, seqLen: t });
+  // Backward of the forward is the identity.
+  const roundTrip = ropeBackward(gpu, rope(gpu, tdy, table, { heads, seqLen: t }), table, {
+    heads,
+    seqLen: t,
+  });
+  const posValues = new Int32Array([4, 0, 8, 1, 1, 7, 2]);
+  const single = randn(t * heads * hd, 63);
+  const tp = gpu.upload(posValues, [t], "i32", "positions");
+  const tsingle = gpu.upload(single, [t, heads * hd], "f32", "dySingle");
+  const inPlace = ropeBackward(gpu, tsingle, table, { heads, positions: tp, out: tsingle });
+  assert.equal(inPlace, tsingle);
+  const [gotDx, gotRoundTrip, gotInPlace] = await gpu.readAll([dx, roundTrip, tsingle]);
+  const seqPositions = Array.from({ length: b * t }, (_, k) => k % t);
+  assertNmse(ropeBackwardRef(dy, heads, hd, seqPositions, angle), gotDx, 1e-12, "ropeBackward");
+  assertNmse(dy, gotRoundTrip, 1e-12, "ropeBackward(rope(x))");
+  const expected = ropeBackwardRef(single, heads, hd, posValues, angle);
+  assertNmse(expected, gotInPlace, 1e-12, "ropeBackward in place with positions");
+  assert.throws(
+    () => ropeBackward(gpu, tdy, table, { heads: 2 }),
+    /ropeBackward: dy 'dy' \[21,120\] must hold whole tokens of heads 2/,
+  );
+  for (const tensor of [table.cosSin, tdy, dx, roundTrip, tp, tsingle]) tensor.destroy();
 });

@@ -1,7 +1,12 @@
 import assert from "node:assert/strict";
-import { softmax, type SoftmaxOptions } from "../../src/ops/softmax.ts";
-import { softmaxRef, type SoftmaxRefOptions } from "../../src/ops/softmax_ref.ts";
+import { softmax, softmaxBackward, type SoftmaxOptions } from "../../src/ops/softmax.ts";
+import {
+  softmaxBackwardRef,
+  softmaxRef,
+  type SoftmaxRefOptions,
+} from "../../src/ops/softmax_ref.ts";
 import { assertNmse, randn, testGpu } from "../helpers.ts";
+import { dot, numericGrad } from "./finite_diff.ts";
 
 type Shape = [number, number, number, number];
 
@@ -134,4 +139,57 @@ Deno.test("softmax with key-padding masks and lengths, alone and with causal", a
   );
   assert.throws(() => softmax(gpu, keyMask), /scores 'mask' \[3,333\] i32 must be f32/);
   for (const t of [keyMask, keyLengths, shortLengths, twoBatches]) t.destroy();
+});
+
+Deno.test("softmaxBackwardRef agrees with finite differences, with scale and causal mask", () => {
+  const shape: Shape = [1, 2, 3, 5];
+  const options = { scale: 0.7, causal: true, causalOffset: 1 };
+  const scores = randn(30, 70, 2);
+  const dP = randn(30, 71);
+  const numeric = numericGrad((v) => dot(dP, softmaxRef(v, shape, options)), scores);
+  const analytic = softmaxBackwardRef(dP, softmaxRef(scores, shape, options), 5, 0.7);
+  assertNmse(numeric, analytic, 1e-14, "softmax d scores");
+});
+
+Deno.test("softmaxBackward matches the reference; masked keys and empty rows get 0", async () => {
+  const gpu = await testGpu();
+  const lengths = new Uint32Array([11, 4, 0]);
+  const keyLengths = gpu.upload(lengths, [3], "u32", "lengths");
+  const cases: Array<{ shape: Shape; scale: number; gpu: SoftmaxOptions; ref: SoftmaxRefOptions }> =
+    [
+      { shape: [2, 3, 5, 333], scale: 1, gpu: {}, ref: {} },
+      {
+        shape: [3, 3, 11, 11],
+        scale: 0.125,
+        gpu: { causal: true, keyLengths, scale: 0.125 },
+        ref: { causal: true, keyLengths: lengths, scale: 0.125 },
+      },
+    ];
+  const runs = cases.map(({ shape, scale, gpu: options }, c) => {
+    const n = shape.reduce((a, b) => a * b);
+    const scores = randn(n, 80 + c, 3);
+    const dP = randn(n, 90 + c);
+    const ts = gpu.upload(scores, shape, "f32", "scores");
+    const tdP = gpu.upload(dP, shape, "f32", "dP");
+    const probs = softmax(gpu, ts, options);
+    const dScores = softmaxBackward(gpu, tdP, probs, { scale });
+    return { scores, dP, tensors: [ts, tdP, probs, dScores], dScores };
+  });
+  const results = await gpu.readAll(runs.map((r) => r.dScores)) as Float32Array[];
+  cases.forEach(({ shape, scale, ref }, c) => {
+    const what = `softmaxBackward [${shape}]`;
+    const probs = softmaxRef(runs[c].scores, shape, ref);
+    const expected = softmaxBackwardRef(runs[c].dP, probs, shape[3], scale);
+    assertNmse(expected, results[c], 1e-12, what);
+    probs.forEach((prob, i) => {
+      // -0 is a fine zero here (0 * negative).
+      if (prob === 0) assert.ok(results[c][i] === 0, `${what}: hidden key ${i} must get 0`);
+    });
+  });
+  const short = gpu.zeros([4], "f32", "short");
+  assert.throws(
+    () => softmaxBackward(gpu, short, runs[0].tensors[2]),
+    /dP 'short' \[4\] f32 must have 9990 elements/,
+  );
+  for (const t of [keyLengths, short, ...runs.flatMap((r) => r.tensors)]) t.destroy();
 });

@@ -1,0 +1,75 @@
+// Layout ops: strided block copies (concatenation and splitting along an axis) and the
+// masked mean over the sequence axis. One invocation per output element; the grid wraps x
+// into y.
+
+// copy_block copies a block of n0 x n1 x n2 elements (n2 contiguous) between 4-byte arrays:
+// dst[dst_offset + i0 * dst_s0 + i1 * dst_s1 + c] = src[src_offset + i0 * src_s0 + i1 * src_s1 + c].
+// A zero source stride repeats the source along that axis (broadcast).
+struct CopyParams {
+  n0: u32,
+  n1: u32,
+  n2: u32,
+  src_offset: u32,
+  src_s0: u32,
+  src_s1: u32,
+  dst_offset: u32,
+  dst_s0: u32,
+  dst_s1: u32,
+}
+
+// mean_rows: out[b, d] = mean of x[b, t, d] over t < len_b, where len_b = lengths[b] (capped
+// at t) when use_lengths is set, else t; 0 when len_b is 0.
+struct MeanParams {
+  batch: u32,
+  t: u32,
+  dim: u32,
+  use_lengths: u32,
+}
+
+@group(0) @binding(0) var<uniform> cp: CopyParams;
+@group(0) @binding(1) var<storage, read> src: array<u32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<u32>;
+
+@group(0) @binding(0) var<uniform> mp: MeanParams;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> lengths: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+override WG: u32 = 256u;
+
+fn index(gid: vec3u, nwg: vec3u) -> u32 {
+  return gid.x + gid.y * nwg.x * WG;
+}
+
+@compute @workgroup_size(WG)
+fn copy_block(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let e = index(gid, nwg);
+  if (e >= cp.n0 * cp.n1 * cp.n2) {
+    return;
+  }
+  let c = e % cp.n2;
+  let r = e / cp.n2;
+  let i1 = r % cp.n1;
+  let i0 = r / cp.n1;
+  dst[cp.dst_offset + i0 * cp.dst_s0 + i1 * cp.dst_s1 + c] =
+    src[cp.src_offset + i0 * cp.src_s0 + i1 * cp.src_s1 + c];
+}
+
+@compute @workgroup_size(WG)
+fn mean_rows(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let e = index(gid, nwg);
+  if (e >= mp.batch * mp.dim) {
+    return;
+  }
+  let b = e / mp.dim;
+  let d = e % mp.dim;
+  var len = mp.t;
+  if (mp.use_lengths != 0u) {
+    len = min(lengths[b], mp.t);
+  }
+  var sum = 0.0;
+  for (var t = 0u; t < len; t++) {
+    sum += x[(b * mp.t + t) * mp.dim + d];
+  }
+  out[e] = select(0.0, sum / f32(len), len > 0u);
+}

@@ -1,0 +1,62 @@
+// Register-tiled matmul: y[b, m, n] = sum_k A[b, m, k] * B[b, k, n] (+ bias[n]), f32 accumulate.
+//
+// A is `x` stored [M, K] or, transposed, [K, M]; B is `w` stored [N, K] (PyTorch Linear) or
+// [K, N], as f32 or as raw f16/bf16 bit patterns packed two per u32 (unpacked here, so no
+// shader-f16 is needed). Each invocation owns a TM x TN tile of y and keeps it in registers for
+// the whole K loop; there is no workgroup memory and no barrier. On CPU adapters (lavapipe and
+// llvmpipe run 8 invocations as one SIMD vector) every storage load becomes a loop over the
+// lanes, which costs far more than the arithmetic, so the kernel's speed comes from reusing each
+// loaded value TM or TN times; the tile size is picked per adapter in src/ops/matmul.ts.
+//
+// This file is a template: src/ops/matmul.ts replaces each dollar-sign marker with WGSL
+// generated for one layout, weight type, vector width and tile size (the unrolled tile body
+// cannot be written as WGSL loops, which the compilers would not unroll into registers).
+
+struct Params {
+  m: u32,
+  n: u32,
+  k: u32,
+  // Element offsets between consecutive batches (0 for a weight shared by all batches).
+  x_batch: u32,
+  w_batch: u32,
+  y_batch: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<$X_ELEM>;
+@group(0) @binding(2) var<storage, read> w: array<$W_ELEM>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+$BIAS_BINDING
+
+fn bf16_lo(word: u32) -> f32 {
+  return bitcast<f32>(word << 16u);
+}
+
+fn bf16_hi(word: u32) -> f32 {
+  return bitcast<f32>(word & 0xffff0000u);
+}
+
+fn f16_lo(word: u32) -> f32 {
+  return unpack2x16float(word).x;
+}
+
+fn f16_hi(word: u32) -> f32 {
+  return unpack2x16float(word).y;
+}
+
+// Workgroups: x = row tile, y = group of column tiles, z = batch. Row tiles vary fastest, so
+// workgroups that run at the same time read the same weight rows (from cache); the lanes of a
+// workgroup take adjacent column tiles.
+@compute @workgroup_size($WG, 1, 1)
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {
+  let n0 = (wid.y * $WGu + lid.x) * $TNu;
+  let m0 = wid.x * $TMu;
+  let x_base = wid.z * p.x_batch;
+  let w_base = wid.z * p.w_batch;
+  let y_base = wid.z * p.y_batch;
+$PROLOGUE
+  for (var k = 0u; k < p.k; k += $KSu) {
+$BODY
+  }
+$EPILOGUE
+}

@@ -1,0 +1,103 @@
+/**
+ * `deno task bench`: times the GPU ops on this machine's adapter and optionally writes the
+ * results as JSON. Benches are listed in src/bench/benches.ts.
+ */
+import { BENCHES } from "../src/bench/benches.ts";
+import { timeBlockedMatmul } from "../src/bench/cpu_matmul.ts";
+import type { BenchResult } from "../src/bench/harness.ts";
+import { parseCommandArgs, UsageError } from "../src/cli/args.ts";
+import { adapterReport } from "../src/cli/info.ts";
+import { Gpu } from "../src/gpu/device.ts";
+import { writeFileAtomic } from "../src/io/atomic.ts";
+
+const BASELINE_SIZES = [256, 512];
+
+const HELP = `deno task bench: time the GPU ops on this machine's WebGPU adapter.
+
+Usage: deno task bench [--json FILE] [--only NAME[,NAME...]]
+
+Options:
+  --json FILE  also write the results as JSON to FILE (inside the project, e.g.
+               bench-out/bench.json; the task may only write under the current folder)
+  --only LIST  run only the named benches (${BENCHES.map((b) => b.name).join(", ")})
+  -h, --help   show this help
+
+Every result is the median wall time (ms) of one call after a warm-up, GPU work included,
+with the process CPU time (cpuMs, all threads) that tells how much of the machine a CPU
+adapter really got when other jobs share the cores.
+A plain-TypeScript blocked matmul at ${
+  BASELINE_SIZES.join(" and ")
+} gives the "baseline" GFLOP/s; each result's
+vsBaseline is its GFLOP/s over the best baseline. Set DENO_WEBGPU_BACKEND=gl to time OpenGL.`;
+
+async function main(args: string[]): Promise<number> {
+  const { values } = parseCommandArgs("bench", args, {
+    json: { type: "string" },
+    only: { type: "string" },
+  });
+  if (values.help) {
+    console.log(HELP);
+    return 0;
+  }
+  const known = new Set(BENCHES.map((b) => b.name));
+  const only = values.only?.split(",").filter(Boolean);
+  const unknown = only?.filter((name) => !known.has(name)) ?? [];
+  if (unknown.length > 0) {
+    throw new UsageError(`bench: unknown bench ${unknown.join(", ")} (known: ${[...known]})`);
+  }
+  const selected = BENCHES.filter((b) => !only || only.includes(b.name));
+
+  const gpu = await Gpu.create();
+  const adapter = adapterReport(gpu);
+  console.log(`adapter: ${adapter.description} (backend ${adapter.backend})`);
+  const baselineResults = timeBlockedMatmul(BASELINE_SIZES);
+  const baselineGflops = Math.max(...baselineResults.map((r) => r.gflops));
+  for (const r of baselineResults) {
+    console.log(
+      `baseline TypeScript matmul ${r.size}: ${r.ms.toFixed(1)} ms, ${r.gflops.toFixed(2)} GFLOP/s`,
+    );
+  }
+  const results: BenchResult[] = [];
+  for (const bench of selected) {
+    for (const result of await bench.run({ gpu, baselineGflops })) {
+      console.log(describe(result));
+      results.push(result);
+    }
+  }
+  if (values.json) {
+    const report = {
+      adapter: adapter.description,
+      backend: adapter.backend,
+      features: Object.entries(adapter.features).filter(([, on]) => on).map(([name]) => name),
+      baseline: {
+        name: "plain TypeScript blocked matmul (f32, square)",
+        results: baselineResults,
+        gflops: baselineGflops,
+      },
+      results,
+    };
+    await writeFileAtomic(values.json, JSON.stringify(report, null, 2) + "\n");
+    console.log(`wrote ${values.json}`);
+  }
+  gpu.destroy();
+  return 0;
+}
+
+function describe(r: BenchResult): string {
+  const { name, ms, cpuMs, gflops, ...fields } = r;
+  const detail = Object.entries(fields)
+    .filter(([key]) => key !== "vsBaseline")
+    .map(([key, value]) => `${key}=${value}`)
+    .join(" ");
+  const cpu = cpuMs === undefined ? "" : ` (CPU ${cpuMs.toFixed(1)} ms)`;
+  const rate = gflops === undefined ? "" : `, ${gflops.toFixed(2)} GFLOP/s`;
+  return `${name} ${detail}: ${ms.toFixed(2)} ms${cpu}${rate}`;
+}
+
+try {
+  Deno.exit(await main(Deno.args));
+} catch (error) {
+  if (!(error instanceof UsageError)) throw error;
+  console.error(`${error.message}\n\n${HELP}`);
+  Deno.exit(2);
+}

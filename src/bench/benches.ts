@@ -1,0 +1,5 @@
+/** Every bench `deno task bench` runs, in order; add new ones to the list. */
+import type { Bench } from "./harness.ts";
+import { matmulBench } from "./matmul.ts";
+
+export const BENCHES: readonly Bench[] = [matmulBench];

@@ -1,0 +1,96 @@
+/**
+ * What `deno task bench` runs: a list of named benches, each returning result rows for the
+ * JSON report, and the timing helper they share.
+ */
+import process from "node:process";
+import type { Gpu } from "../gpu/device.ts";
+
+/** One row of the report; benches add whatever fields describe the case (m, n, k, dtype...). */
+export interface BenchResult {
+  name: string;
+  /** Median wall time of one call, GPU work included. */
+  ms: number;
+  /** Median process CPU time of one call (see GpuTiming.cpuMs). */
+  cpuMs?: number;
+  gflops?: number;
+  [field: string]: unknown;
+}
+
+export interface BenchContext {
+  gpu: Gpu;
+  /** GFLOP/s of the plain-TypeScript matmul on this machine, to express results as ratios. */
+  baselineGflops: number;
+}
+
+export interface Bench {
+  /** Selects the bench with `--only`; also the `name` of its result rows by convention. */
+  name: string;
+  summary: string;
+  run(ctx: BenchContext): Promise<BenchResult[]>;
+}
+
+export interface TimingOptions {
+  /** Timed batches; the median is reported (default 5). */
+  reps?: number;
+  /** Calls per batch are chosen so one batch takes about this long (default 100 ms). */
+  batchMs?: number;
+}
+
+export interface GpuTiming {
+  /** Median wall milliseconds per call. */
+  ms: number;
+  /**
+   * Median process CPU milliseconds per call, all threads. On a CPU adapter this is the work
+   * itself: ms x cores on an idle machine, and still meaningful when other jobs share the cores.
+   */
+  cpuMs: number;
+}
+
+/**
+ * Median time per call of `record`, which must only record GPU work. The first call
+ * (pipeline compilation) and a second one (to size the batches) are not timed; each timed
+ * batch records several calls and waits once, so the per-submission cost is spread.
+ */
+export async function timeGpu(
+  gpu: Gpu,
+  record: () => void,
+  { reps = 5, batchMs = 100 }: TimingOptions = {},
+): Promise<GpuTiming> {
+  record();
+  await gpu.sync();
+  let start = performance.now();
+  record();
+  await gpu.sync();
+  const estimate = performance.now() - start;
+  const calls = Math.max(1, Math.min(64, Math.round(batchMs / Math.max(estimate, 1e-3))));
+  const wall: number[] = [];
+  const cpu: number[] = [];
+  for (let r = 0; r < reps; r++) {
+    const cpuStart = process.cpuUsage();
+    start = performance.now();
+    for (let c = 0; c < calls; c++) record();
+    await gpu.sync();
+    wall.push((performance.now() - start) / calls);
+    const used = process.cpuUsage(cpuStart);
+    cpu.push((used.user + used.system) / 1000 / calls);
+  }
+  return { ms: median(wall), cpuMs: median(cpu) };
+}
+
+/** Median wall time of `run` (host code) over `reps` runs after one warm-up run. */
+export function timeHost(run: () => void, reps = 5): number {
+  run();
+  const times: number[] = [];
+  for (let r = 0; r < reps; r++) {
+    const start = performance.now();
+    run();
+    times.push(performance.now() - start);
+  }
+  return median(times);
+}
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}

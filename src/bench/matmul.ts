@@ -1,0 +1,94 @@
+/** Matmul throughput: square f32 products and the Linear shapes the models run. */
+import type { Gpu } from "../gpu/device.ts";
+import type { Tensor } from "../gpu/tensor.ts";
+import { matmul, type MatmulWeightType } from "../ops/matmul.ts";
+import { type Bench, type BenchResult, timeGpu } from "./harness.ts";
+
+const SQUARE_SIZES = [256, 512, 1000, 1024, 2048];
+
+/** [m, k, n] with what runs it: y [m, n] = x [m, k] Wᵀ, W [n, k]. */
+const MODEL_SHAPES: ReadonlyArray<{ m: number; k: number; n: number; model: string }> = [
+  { m: 256, k: 2560, n: 9728, model: "Qwen3-4B MLP up/gate, 256 tokens" },
+  { m: 77, k: 1280, n: 5120, model: "CLIP ViT-bigG MLP fc1, 77 tokens" },
+];
+
+const WEIGHT_TYPES: readonly MatmulWeightType[] = ["f32", "f16", "bf16"];
+
+/** Deterministic values in [-0.5, 0.5) (a linear congruential sequence). */
+function filledF32(n: number, seed: number): Float32Array {
+  const out = new Float32Array(n);
+  let s = seed >>> 0;
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    out[i] = s / 2 ** 32 - 0.5;
+  }
+  return out;
+}
+
+/** 16-bit weights as bit patterns of values in roughly [-1, 1] (sign, small exponent range). */
+function filled16(n: number, type: "f16" | "bf16", seed: number): Uint16Array {
+  const out = new Uint16Array(n);
+  // f16 0x3000..0x3bff and bf16 0x3e00..0x3f7f are 0.125 .. 1.
+  const [base, span] = type === "f16" ? [0x3000, 0x0c00] : [0x3e00, 0x0180];
+  let s = seed >>> 0;
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    out[i] = (base + (s >>> 8) % span) | (s & 0x8000);
+  }
+  return out;
+}
+
+function uploadWeight(gpu: Gpu, type: MatmulWeightType, n: number, k: number): Tensor {
+  const data = type === "f32" ? filledF32(n * k, 2) : filled16(n * k, type, 2);
+  return gpu.upload(data, [n, k], type, `bench.w.${type}`);
+}
+
+async function timeCase(
+  gpu: Gpu,
+  m: number,
+  n: number,
+  k: number,
+  type: MatmulWeightType,
+  extra: Record<string, unknown>,
+  baselineGflops: number,
+): Promise<BenchResult> {
+  const x = gpu.upload(filledF32(m * k, 1), [m, k], "f32", "bench.x");
+  const w = uploadWeight(gpu, type, n, k);
+  const y = gpu.empty([m, n], "f32", "bench.y");
+  const flops = 2 * m * n * k;
+  // Products over a second get 3 timed repetitions instead of 5 to keep the bench short.
+  const reps = flops > 1e10 ? 3 : 5;
+  const { ms, cpuMs } = await timeGpu(gpu, () => matmul(gpu, x, w, { out: y }), { reps });
+  for (const t of [x, w, y]) t.destroy();
+  const gflops = flops / ms / 1e6;
+  return {
+    name: "matmul",
+    m,
+    n,
+    k,
+    weights: type,
+    layout: "y = x Wᵀ",
+    ...extra,
+    ms,
+    cpuMs,
+    gflops,
+    vsBaseline: gflops / baselineGflops,
+  };
+}
+
+export const matmulBench: Bench = {
+  name: "matmul",
+  summary: "f32 square products and the models' Linear shapes with f32, f16 and bf16 weights",
+  async run({ gpu, baselineGflops }) {
+    const results: BenchResult[] = [];
+    for (const s of SQUARE_SIZES) {
+      results.push(await timeCase(gpu, s, s, s, "f32", {}, baselineGflops));
+    }
+    for (const { m, k, n, model } of MODEL_SHAPES) {
+      for (const type of WEIGHT_TYPES) {
+        results.push(await timeCase(gpu, m, n, k, type, { model }, baselineGflops));
+      }
+    }
+    return results;
+  },
+};
