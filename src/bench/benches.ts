@@ -1,5 +1,6 @@
 /** Every bench `deno task bench` runs, in order; add new ones to the list. */
 import type { Bench } from "./harness.ts";
 import { matmulBench } from "./matmul.ts";
+import { nf4MatmulBench } from "./nf4_matmul.ts";
 
-export const BENCHES: readonly Bench[] = [matmulBench];
+export const BENCHES: readonly Bench[] = [matmulBench, nf4MatmulBench];

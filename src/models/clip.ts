@@ -480,7 +480,8 @@ function clipPooled(
 ): Tensor {
   const c = model.config;
   const { lastLayer: layer, finalNorm, projection } = model.pooling!;
-  const eosRows = Int32Array.from(eos, (t, b) => b * seqLen + t);
+  // Uploaded once for both gathers (a host upload submits pending work).
+  const eosRows = gpu.upload(Int32Array.from(eos, (t, b) => b * seqLen + t), [batch], "i32", "eos");
   const h = layerNorm(gpu, x, layer.layerNorm1.weight, layer.layerNorm1.bias, c.layerNormEps);
   const k = linear(gpu, h, layer.k);
   const v = linear(gpu, h, layer.v);
@@ -506,6 +507,7 @@ function clipPooled(
   const xEos = embeddingGather(gpu, x, eosRows);
   addInPlace(gpu, xEos, o);
   o.destroy();
+  eosRows.destroy();
   mlpResidual(gpu, c, layer, xEos);
   const last = layerNorm(gpu, xEos, finalNorm.weight, finalNorm.bias, c.layerNormEps);
   xEos.destroy();

@@ -21,7 +21,9 @@ export interface Qwen3Config {
 export function qwen3Config(folder: ModelFolder): Qwen3Config {
   const act = folder.configString("hidden_act", "silu");
   if (act !== "silu") {
-    throw new Error(`${folder.dir}/config.json: hidden_act '${act}' is not supported (Qwen3 uses silu)`);
+    throw new Error(
+      `${folder.dir}/config.json: hidden_act '${act}' is not supported (Qwen3 uses silu)`,
+    );
   }
   const hiddenSize = folder.configInteger("hidden_size");
   const numHeads = folder.configInteger("num_attention_heads");
@@ -43,7 +45,9 @@ export function qwen3Config(folder: ModelFolder): Qwen3Config {
     );
   }
   if (config.headDim % 2 !== 0) {
-    throw new Error(`${folder.dir}/config.json: head_dim ${config.headDim} must be even for rotary`);
+    throw new Error(
+      `${folder.dir}/config.json: head_dim ${config.headDim} must be even for rotary`,
+    );
   }
   return config;
 }
@@ -136,7 +140,9 @@ export function checkQwen3Tensors(folder: ModelFolder, c: Qwen3Config): Map<stri
       );
     }
     if (!(info.dtype in DTYPE_OF)) {
-      throw new Error(`${folder.dir}/${info.shard}: tensor '${name}' is ${info.dtype}; expected F32, F16 or BF16`);
+      throw new Error(
+        `${folder.dir}/${info.shard}: tensor '${name}' is ${info.dtype}; expected F32, F16 or BF16`,
+      );
     }
   }
   for (const name of folder.names()) {

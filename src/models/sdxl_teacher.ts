@@ -214,7 +214,7 @@ export async function loadSdxlTeacher(
     if (batch === 0) return { seq: new Float32Array(0), pooled: new Float32Array(0) };
     const outL = clipTextForward(gpu, l, idsL, batch, seqLen);
     const outG = clipTextForward(gpu, g, idsG, batch, seqLen);
-    const seq = concatLastAxis(gpu, [outL.penultimate, outG.penultimate]);
+    const seq = concatLastAxis(gpu, outL.penultimate, outG.penultimate);
     outL.penultimate.destroy();
     outG.penultimate.destroy();
     const pooled = outG.pooled as Tensor;

@@ -7,11 +7,14 @@
  * `keyLengths` (right padding; keys from `alwaysVisibleFrom` on are never masked, which is the
  * resampler's [x positions, latent positions] key order) or a general `keyMask` [B, Tk].
  * A query whose keys are all masked gets zeros.
+ *
+ * `attentionBackward` gives dq, dk and dv from the forward's output and saved lse
+ * (`attentionWithStats`), recomputing the probabilities tile by tile (flash-attention 2).
  */
 import code from "../../kernels/attention.wgsl" with { type: "text" };
-import { f32, type Gpu } from "../gpu/device.ts";
+import { f32, type Gpu, type ParamValue } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";
-import { requireDType, requireOut, requirePositiveInteger } from "./checks.ts";
+import { requireDType, requireOut, requirePositiveInteger, requireSize } from "./checks.ts";
 import { type IndexInput, type IndexTensor, indexTensor } from "./indices.ts";
 
 /** lse of a query row with no visible key: large enough that exp(score - lse) is 0. */
@@ -20,7 +23,9 @@ export const ATTENTION_EMPTY_LSE = 3.4028234663852886e38;
 /** Largest head dimension: 8 lanes per query row, each holding 16 output features. */
 export const ATTENTION_MAX_HEAD_DIM = 128;
 
-const QUERY_ROWS = 16;
+/** Rows (queries in the forward and dq pass, keys in the dk/dv pass) per workgroup. */
+const BLOCK_ROWS = 16;
+const STATS_WG = 64;
 
 export interface AttentionOptions {
   /** Query heads nq; q's last axis is nq * hd. */
@@ -145,6 +150,21 @@ function keyMask(gpu: Gpu, s: AttentionShape, opts: AttentionOptions): KeyMask {
   return { mode: 0, valid: null, visibleFrom };
 }
 
+/** The kernels' Params struct, shared by the forward and backward passes. */
+function attentionParams(s: AttentionShape, mask: KeyMask, opts: AttentionOptions): ParamValue[] {
+  return [
+    s.tq,
+    s.tk,
+    s.nq,
+    s.nkv,
+    f32(opts.scale ?? 1 / Math.sqrt(s.hd)),
+    opts.causal ? 1 : 0,
+    mask.mode,
+    mask.visibleFrom,
+    s.hd / 4,
+  ];
+}
+
 /** Attention plus the per-row log-sum-exp a backward pass needs. */
 export function attentionWithStats(
   gpu: Gpu,
@@ -160,21 +180,11 @@ export function attentionWithStats(
   const lse = gpu.empty([s.batch, s.nq, s.tq], "f32", `attention.lse(${q.name})`);
   gpu.dispatch({
     kernel: { name: "attention", code },
-    params: [
-      s.tq,
-      s.tk,
-      s.nq,
-      s.nkv,
-      f32(opts.scale ?? 1 / Math.sqrt(s.hd)),
-      opts.causal ? 1 : 0,
-      mask.mode,
-      mask.visibleFrom,
-      s.hd / 4,
-    ],
+    params: attentionParams(s, mask, opts),
     // Without a mask the kernel never reads key_valid, but the slot needs a buffer: q is
     // read-only there too, so binding it twice is allowed.
     bindings: [q, k, v, mask.valid?.tensor ?? q, out, lse],
-    workgroups: [Math.ceil(s.tq / QUERY_ROWS), s.nq, s.batch],
+    workgroups: [Math.ceil(s.tq / BLOCK_ROWS), s.nq, s.batch],
   });
   if (mask.valid?.owned) mask.valid.tensor.destroy();
   return { out, lse };
@@ -191,4 +201,73 @@ export function attention(
   const { out, lse } = attentionWithStats(gpu, q, k, v, opts);
   lse.destroy();
   return out;
+}
+
+export interface AttentionGrads {
+  /** [B, Tq, nq*hd], like q. */
+  dq: Tensor;
+  /** [B, Tk, nkv*hd], like k: each KV head sums over the query heads that read it (GQA). */
+  dk: Tensor;
+  /** [B, Tk, nkv*hd], like v. */
+  dv: Tensor;
+}
+
+/**
+ * Gradients of attention with respect to q, k and v from the output gradient dOut and the
+ * forward's q, k, v, out and lse (`attentionWithStats`), under the forward's options (its
+ * `out` is not used here). Every element is written once, in a fixed order (no atomics), so
+ * the result is deterministic. Masked keys get no gradient and query rows with no visible key
+ * give zeros.
+ */
+export function attentionBackward(
+  gpu: Gpu,
+  dOut: Tensor,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  out: Tensor,
+  lse: Tensor,
+  opts: AttentionOptions,
+): AttentionGrads {
+  const op = "attentionBackward";
+  const s = attentionShape(q, k, v, opts);
+  for (
+    const [arg, t, size, meaning] of [
+      ["dOut", dOut, q.size, `the gradient of the output, the size of q '${q.name}'`],
+      ["out", out, q.size, "the forward's output, the size of q"],
+      ["lse", lse, s.batch * s.nq * s.tq, "[B, nq, Tq], as attentionWithStats returned"],
+    ] as const
+  ) {
+    requireDType(op, arg, t, ["f32"]);
+    requireSize(op, arg, t, size, meaning);
+  }
+  const mask = keyMask(gpu, s, opts);
+  const params = attentionParams(s, mask, opts);
+  // Without a mask the kernels never read key_valid; q fills the slot (read-only there too).
+  const keyValid = mask.valid?.tensor ?? q;
+  const stats = gpu.empty([s.batch, s.nq, s.tq, 2], "f32", `${op}.stats(${q.name})`);
+  gpu.dispatch({
+    kernel: { name: "attention", code, entry: "attention_backward_stats" },
+    params,
+    bindings: [null, null, null, null, out, lse, dOut, stats],
+    workgroups: [Math.ceil(s.tq / STATS_WG), s.nq, s.batch],
+  });
+  const dq = gpu.empty(q.shape, "f32", `${op}.dq(${q.name})`);
+  gpu.dispatch({
+    kernel: { name: "attention", code, entry: "attention_backward_dq" },
+    params,
+    bindings: [q, k, v, keyValid, null, null, dOut, stats, dq],
+    workgroups: [Math.ceil(s.tq / BLOCK_ROWS), s.nq, s.batch],
+  });
+  const dk = gpu.empty(k.shape, "f32", `${op}.dk(${k.name})`);
+  const dv = gpu.empty(v.shape, "f32", `${op}.dv(${v.name})`);
+  gpu.dispatch({
+    kernel: { name: "attention", code, entry: "attention_backward_dkv" },
+    params,
+    bindings: [q, k, v, keyValid, null, null, dOut, stats, null, dk, dv],
+    workgroups: [Math.ceil(s.tk / BLOCK_ROWS), s.nkv, s.batch],
+  });
+  stats.destroy();
+  if (mask.valid?.owned) mask.valid.tensor.destroy();
+  return { dq, dk, dv };
 }

@@ -199,7 +199,7 @@ const SMALL: Record<"text_encoder" | "text_encoder_2", ClipTextShape> = {
     hiddenAct: "quick_gelu",
   },
   text_encoder_2: {
-    hiddenSize: 20,
+    hiddenSize: 24,
     numLayers: 3,
     numHeads: 2,
     intermediateSize: 36,
@@ -215,11 +215,11 @@ Deno.test("sdxl teacher: captions are tokenized by both tokenizers and encoded p
     await writeRandomSdxlTeacherFolder(dir, SMALL, 7);
     const teacher = await loadSdxlTeacher(gpu, dir);
     try {
-      assert.equal(teacher.seqDim, 44);
+      assert.equal(teacher.seqDim, 48);
       assert.equal(teacher.pooledDim, 12);
       const captions = ["A photo of a cat.", "an astronaut riding a horse on the moon", ""];
       const { seq, pooled } = await teacher.encode(captions);
-      assert.equal(seq.length, captions.length * 77 * 44);
+      assert.equal(seq.length, captions.length * 77 * 48);
       assert.equal(pooled.length, captions.length * 12);
       assert.ok(seq.every(Number.isFinite) && pooled.every(Number.isFinite));
 
@@ -233,7 +233,7 @@ Deno.test("sdxl teacher: captions are tokenized by both tokenizers and encoded p
 
       // A caption's targets do not depend on the batch it comes in.
       const alone = await teacher.encode([captions[1]]);
-      assertMaxAbs(seq.subarray(77 * 44, 2 * 77 * 44), alone.seq, 1e-5, "seq alone");
+      assertMaxAbs(seq.subarray(77 * 48, 2 * 77 * 48), alone.seq, 1e-5, "seq alone");
       assertMaxAbs(pooled.subarray(12, 24), alone.pooled, 1e-5, "pooled alone");
 
       const empty = await teacher.encode([]);

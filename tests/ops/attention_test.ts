@@ -2,12 +2,18 @@ import assert from "node:assert/strict";
 import {
   attention,
   ATTENTION_EMPTY_LSE,
+  attentionBackward,
   type AttentionOptions,
   attentionWithStats,
 } from "../../src/ops/attention.ts";
-import { attentionRef } from "../../src/ops/attention_ref.ts";
+import {
+  attentionBackwardRef,
+  attentionRef,
+  type AttentionRefShape,
+} from "../../src/ops/attention_ref.ts";
 import { Rng } from "../../src/train/rng.ts";
 import { assertNmse, randn, testGpu } from "../helpers.ts";
+import { dot, numericGrad } from "./finite_diff.ts";
 
 interface Case {
   what: string;
@@ -22,7 +28,7 @@ interface Case {
 }
 
 /** lse rows with no visible key must hold the sentinel exactly; the rest are compared by NMSE. */
-function assertLse(expected: Float32Array, actual: Float32Array, what: string): void {
+function assertLse(expected: Float64Array, actual: Float32Array, what: string): void {
   const real: number[] = [];
   const got: number[] = [];
   expected.forEach((e, i) => {
@@ -41,6 +47,12 @@ function randomMask(batch: number, tk: number, seed: number): Uint32Array {
   const mask = Uint32Array.from({ length: batch * tk }, () => (u.next() < 0.7 ? 1 : 0));
   mask.fill(0, tk, 2 * tk); // batch row 1 sees no key at all
   return mask;
+}
+
+function refShape(c: Case): AttentionRefShape {
+  const numHeads = c.opts.numHeads;
+  const numKvHeads = c.opts.numKvHeads ?? numHeads;
+  return { batch: c.batch, tq: c.tq, tk: c.tk, numHeads, numKvHeads, headDim: c.hd };
 }
 
 const cases: Case[] = [
@@ -99,14 +111,7 @@ Deno.test("attention matches the reference on odd shapes, GQA and masks", async 
     const tk = gpu.upload(k, [c.batch, c.tk, nkv * c.hd], "f32", "k");
     const tv = gpu.upload(v, [c.batch, c.tk, nkv * c.hd], "f32", "v");
     const got = attentionWithStats(gpu, tq, tk, tv, c.opts);
-    const ref = attentionRef(q, k, v, {
-      batch: c.batch,
-      tq: c.tq,
-      tk: c.tk,
-      numHeads: nq,
-      numKvHeads: nkv,
-      headDim: c.hd,
-    }, c.opts);
+    const ref = attentionRef(q, k, v, refShape(c), c.opts);
     results.push({ c, got, ref, inputs: [tq, tk, tv] });
   }
   const read = await gpu.readAll(results.flatMap((r) => [r.got.out, r.got.lse])) as Float32Array[];
@@ -163,4 +168,120 @@ Deno.test("attention rejects bad shapes and masks with clear errors", async () =
     /multiple of 4 from 4 to 128/,
   );
   for (const t of [q, k, wide]) t.destroy();
+});
+
+const backwardCases: Case[] = [
+  {
+    what: "GQA 4/2 hd 8, causal with padding (one batch row fully padded)",
+    batch: 3,
+    tq: 37,
+    tk: 37,
+    hd: 8,
+    opts: { numHeads: 4, numKvHeads: 2, causal: true, keyLengths: [37, 19, 0] },
+  },
+  {
+    what: "resampler: 7 latent queries, 29 padded x keys then 7 always-visible latents, hd 8",
+    batch: 3,
+    tq: 7,
+    tk: 36,
+    hd: 8,
+    opts: { numHeads: 2, keyLengths: [29, 11, 0], alwaysVisibleFrom: 29 },
+  },
+  {
+    what: "GQA 6/2 hd 12, general key mask (one batch row sees nothing), custom scale",
+    batch: 3,
+    tq: 13,
+    tk: 45,
+    hd: 12,
+    opts: { numHeads: 6, numKvHeads: 2, scale: 0.37, keyMask: randomMask(3, 45, 19) },
+  },
+  {
+    what: "hd 128, causal",
+    batch: 2,
+    tq: 35,
+    tk: 35,
+    hd: 128,
+    opts: { numHeads: 2, causal: true },
+  },
+];
+
+/** Exact zeros where the reference is structurally zero (masked keys, empty query rows). */
+function assertZerosWhere(expected: Float64Array, actual: Float32Array, what: string): void {
+  expected.forEach((e, i) => {
+    if (e === 0) assert.equal(actual[i], 0, `${what}: element ${i} must be exactly 0`);
+  });
+}
+
+Deno.test("attentionBackward matches the float64 reference: GQA, masks, resampler, hd 128", async () => {
+  const gpu = await testGpu();
+  const results = backwardCases.map((c, n) => {
+    const { numHeads: nq, numKvHeads: nkv } = refShape(c);
+    const host = {
+      q: randn(c.batch * c.tq * nq * c.hd, 100 * n + 1),
+      k: randn(c.batch * c.tk * nkv * c.hd, 100 * n + 2),
+      v: randn(c.batch * c.tk * nkv * c.hd, 100 * n + 3),
+      dOut: randn(c.batch * c.tq * nq * c.hd, 100 * n + 4),
+    };
+    const q = gpu.upload(host.q, [c.batch, c.tq, nq * c.hd], "f32", "q");
+    const k = gpu.upload(host.k, [c.batch, c.tk, nkv * c.hd], "f32", "k");
+    const v = gpu.upload(host.v, [c.batch, c.tk, nkv * c.hd], "f32", "v");
+    const dOut = gpu.upload(host.dOut, q.shape, "f32", "dOut");
+    const { out, lse } = attentionWithStats(gpu, q, k, v, c.opts);
+    const grads = attentionBackward(gpu, dOut, q, k, v, out, lse, c.opts);
+    const ref = attentionBackwardRef(host.dOut, host.q, host.k, host.v, refShape(c), c.opts);
+    return { c, grads, ref, tensors: [q, k, v, dOut, out, lse] };
+  });
+  const read = await gpu.readAll(
+    results.flatMap(({ grads }) => [grads.dq, grads.dk, grads.dv]),
+  ) as Float32Array[];
+  results.forEach(({ c, grads, ref, tensors }, n) => {
+    (["dq", "dk", "dv"] as const).forEach((name, g) => {
+      assertNmse(ref[name], read[3 * n + g], 1e-7, `${c.what}: ${name}`);
+      assertZerosWhere(ref[name], read[3 * n + g], `${c.what}: ${name}`);
+    });
+    for (const t of [grads.dq, grads.dk, grads.dv, ...tensors]) t.destroy();
+  });
+});
+
+Deno.test("attentionBackwardRef agrees with finite differences of attentionRef", () => {
+  const fdCases: Array<{ shape: AttentionRefShape; masks: Case["opts"] }> = [
+    {
+      shape: { batch: 3, tq: 4, tk: 4, numHeads: 4, numKvHeads: 2, headDim: 4 },
+      masks: { numHeads: 4, causal: true, keyLengths: [4, 2, 0], scale: 0.8 },
+    },
+    {
+      shape: { batch: 2, tq: 3, tk: 5, numHeads: 2, numKvHeads: 1, headDim: 4 },
+      masks: { numHeads: 2, keyLengths: [1, 0], alwaysVisibleFrom: 2 },
+    },
+  ];
+  fdCases.forEach(({ shape, masks }, n) => {
+    const { batch, tq, tk, numHeads: nq, numKvHeads: nkv, headDim: hd } = shape;
+    const q = randn(batch * tq * nq * hd, 200 + n);
+    const k = randn(batch * tk * nkv * hd, 210 + n);
+    const v = randn(batch * tk * nkv * hd, 220 + n);
+    const dOut = randn(q.length, 230 + n);
+    const loss = (x: ArrayLike<number>, y: ArrayLike<number>, z: ArrayLike<number>) =>
+      dot(dOut, attentionRef(x, y, z, shape, masks).out);
+    const grads = attentionBackwardRef(dOut, q, k, v, shape, masks);
+    assertNmse(numericGrad((x) => loss(x, k, v), q), grads.dq, 1e-14, `case ${n} dq`);
+    assertNmse(numericGrad((x) => loss(q, x, v), k), grads.dk, 1e-14, `case ${n} dk`);
+    assertNmse(numericGrad((x) => loss(q, k, x), v), grads.dv, 1e-14, `case ${n} dv`);
+  });
+});
+
+Deno.test("attentionBackward rejects a gradient or saved lse of the wrong size", async () => {
+  const gpu = await testGpu();
+  const q = gpu.zeros([2, 5, 16], "f32", "q");
+  const wrong = gpu.zeros([2, 4, 16], "f32", "wrong");
+  const lse = gpu.zeros([2, 2, 5], "f32", "lse");
+  const opts = { numHeads: 2 };
+  assert.throws(
+    () => attentionBackward(gpu, wrong, q, q, q, q, lse, opts),
+    /dOut 'wrong' \[2,4,16\] f32 must have 160 elements/,
+  );
+  assert.throws(
+    () => attentionBackward(gpu, q, q, q, q, q, wrong, opts),
+    /lse 'wrong'.*\[B, nq, Tq\]/,
+  );
+  for (const t of [q, wrong, lse]) t.destroy();
 });

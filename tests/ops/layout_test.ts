@@ -2,16 +2,21 @@ import assert from "node:assert/strict";
 import {
   concatLastAxis,
   concatRows,
+  concatRowsBackward,
   meanOverSequence,
+  meanOverSequenceBackward,
   splitLastAxis,
 } from "../../src/ops/layout.ts";
 import {
   concatLastAxisRef,
+  concatRowsBackwardRef,
   concatRowsRef,
+  meanOverSequenceBackwardRef,
   meanOverSequenceRef,
   splitLastAxisRef,
 } from "../../src/ops/layout_ref.ts";
 import { assertNmse, randn, testGpu } from "../helpers.ts";
+import { dot, numericGrad } from "./finite_diff.ts";
 
 Deno.test("concatLastAxis and splitLastAxis match the references on odd widths", async () => {
   const gpu = await testGpu();
@@ -100,6 +105,76 @@ Deno.test("meanOverSequence: masked with host and tensor lengths, and plain", as
   for (const y of [tx, lengthTensor, masked, fromTensor, tl, plain]) y.destroy();
 });
 
+Deno.test("concatRowsBackward splits the rows back and sums a shared b over the batch", async () => {
+  const gpu = await testGpu();
+  const [batch, ta, tb, dim] = [5, 11, 7, 37];
+  const g = randn(batch * (ta + tb) * dim, 10);
+  const dOut = gpu.upload(g, [batch, ta + tb, dim], "f32", "dOut");
+  const dOut2 = gpu.upload(g.subarray(0, (ta + tb) * dim), [ta + tb, dim], "f32", "dOut2");
+  const cases = [
+    { what: "per batch row", grads: concatRowsBackward(gpu, dOut, [5, 11, 37], [5, 7, 37]) },
+    { what: "shared [1, Tb, D]", grads: concatRowsBackward(gpu, dOut, [5, 11, 37], [1, 7, 37]) },
+    { what: "shared [Tb, D]", grads: concatRowsBackward(gpu, dOut, [5, 11, 37], [7, 37]) },
+    { what: "2-D", grads: concatRowsBackward(gpu, dOut2, [11, 37], [7, 37]) },
+  ];
+  assert.deepEqual(cases.map((c) => c.grads.db.shape), [[5, 7, 37], [1, 7, 37], [7, 37], [7, 37]]);
+  assert.deepEqual(cases[3].grads.da.shape, [11, 37]);
+  const read = await gpu.readAll(cases.flatMap((c) => [c.grads.da, c.grads.db])) as Float32Array[];
+  const perRow = concatRowsBackwardRef(g, batch, ta, tb, dim, false);
+  const shared = concatRowsBackwardRef(g, batch, ta, tb, dim, true);
+  const flat = concatRowsBackwardRef(g.subarray(0, (ta + tb) * dim), 1, ta, tb, dim, false);
+  [perRow, shared, shared, flat].forEach((ref, n) => {
+    const what = cases[n].what;
+    assertNmse(ref.da, read[2 * n], 1e-14, `${what} da`);
+    // The shared b's gradient is an f32 sum of 5 rows.
+    assertNmse(ref.db, read[2 * n + 1], 1e-12, `${what} db`);
+  });
+  for (const t of [dOut, dOut2, ...cases.flatMap((c) => [c.grads.da, c.grads.db])]) t.destroy();
+});
+
+Deno.test("meanOverSequenceBackward spreads dy over the valid rows, zeros on padding", async () => {
+  const gpu = await testGpu();
+  const [batch, t, dim] = [3, 13, 37];
+  const dy = randn(batch * dim, 11);
+  const tdy = gpu.upload(dy, [batch, dim], "f32", "dy");
+  const lengths = [13, 5, 0];
+  const lengthTensor = gpu.upload(Int32Array.from(lengths), [batch], "i32", "lengths");
+  const masked = meanOverSequenceBackward(gpu, tdy, t, lengths);
+  const fromTensor = meanOverSequenceBackward(gpu, tdy, t, lengthTensor);
+  const plain = meanOverSequenceBackward(gpu, tdy, 77);
+  assert.deepEqual(plain.shape, [batch, 77, dim]);
+  const [m, mt, p] = await gpu.readAll([masked, fromTensor, plain]) as Float32Array[];
+  const expected = meanOverSequenceBackwardRef(dy, batch, t, dim, lengths);
+  assertNmse(expected, m, 1e-12, "host lengths");
+  assertNmse(expected, mt, 1e-12, "tensor lengths");
+  // Rows 5.. of batch row 1 and all of batch row 2 are padding.
+  assert.ok(m.subarray((t + 5) * dim).every((v) => v === 0), "padded rows get exactly 0");
+  assertNmse(meanOverSequenceBackwardRef(dy, batch, 77, dim), p, 1e-12, "plain mean");
+  for (const y of [tdy, lengthTensor, masked, fromTensor, plain]) y.destroy();
+});
+
+Deno.test("layout backward references agree with finite differences of the forwards", () => {
+  const [batch, ta, tb, dim] = [3, 4, 2, 5];
+  const a = randn(batch * ta * dim, 12);
+  const dOut = randn(batch * (ta + tb) * dim, 13);
+  for (const shared of [false, true]) {
+    const b = randn((shared ? 1 : batch) * tb * dim, 14);
+    const loss = (x: Float64Array | Float32Array, y: Float64Array | Float32Array) =>
+      dot(dOut, concatRowsRef(x, y, batch, ta, tb, dim, shared));
+    const grads = concatRowsBackwardRef(dOut, batch, ta, tb, dim, shared);
+    assertNmse(numericGrad((x) => loss(x, b), a), grads.da, 1e-14, `concatRows da (${shared})`);
+    assertNmse(numericGrad((y) => loss(a, y), b), grads.db, 1e-14, `concatRows db (${shared})`);
+  }
+  const t = 6;
+  const x = randn(batch * t * dim, 15);
+  const dy = randn(batch * dim, 16);
+  for (const lengths of [undefined, [6, 2, 0]]) {
+    const numeric = numericGrad((v) => dot(dy, meanOverSequenceRef(v, batch, t, dim, lengths)), x);
+    const analytic = meanOverSequenceBackwardRef(dy, batch, t, dim, lengths);
+    assertNmse(numeric, analytic, 1e-14, `meanOverSequence dx (lengths ${lengths})`);
+  }
+});
+
 Deno.test("layout ops reject mismatched shapes with clear errors", async () => {
   const gpu = await testGpu();
   const a = gpu.zeros([3, 4, 5], "f32", "a");
@@ -114,5 +189,15 @@ Deno.test("layout ops reject mismatched shapes with clear errors", async () => {
   assert.throws(() => concatRows(gpu, a, otherBatch), /\[B or 1, Tb, D\]/);
   assert.throws(() => meanOverSequence(gpu, a, [4, 5, 1]), /lengths\[1\] = 5 is outside \[0, 4\]/);
   assert.throws(() => meanOverSequence(gpu, a, [4]), /1 entries, 3 expected/);
+  assert.throws(
+    () => concatRowsBackward(gpu, a, [3, 2, 5], [1, 3, 5]),
+    /dOut 'a' \[3,4,5\] must be \[3,5,5\], the shape concatRows gives/,
+  );
+  assert.throws(() => concatRowsBackward(gpu, a, [3, 2, 5], [2, 2, 5]), /\[B or 1, Tb, D\]/);
+  assert.throws(() => meanOverSequenceBackward(gpu, a, 4), /dy 'a' \[3,4,5\] must be \[B, D\]/);
+  assert.throws(
+    () => meanOverSequenceBackward(gpu, wrongDim, 3, [1, 4]),
+    /lengths\[1\] = 4 is outside \[0, 3\]/,
+  );
   for (const t of [a, b, h, wrongDim, otherBatch]) t.destroy();
 });

@@ -1,0 +1,325 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import type { Gpu } from "../../src/gpu/device.ts";
+import { SafetensorsFile, writeSafetensors } from "../../src/io/safetensors.ts";
+import {
+  destroyResampler,
+  destroyResamplerActivations,
+  initResampler,
+  loadResampler,
+  loadResamplerWeights,
+  parseResamplerConfig,
+  readResamplerConfig,
+  RESAMPLER_CONFIG_FILE,
+  RESAMPLER_DEFAULTS,
+  RESAMPLER_WEIGHTS_FILE,
+  resamplerBackward,
+  type ResamplerConfig,
+  resamplerForward,
+  resamplerForwardTrain,
+  resamplerParamCount,
+  resamplerParamShapes,
+  type ResamplerWeights,
+  saveResampler,
+} from "../../src/models/resampler.ts";
+import { resamplerForwardRef } from "../../src/models/resampler_ref.ts";
+import { Rng } from "../../src/train/rng.ts";
+import { dot, numericGrad } from "../ops/finite_diff.ts";
+import { assertMaxAbs, assertNmse, randn, testGpu } from "../helpers.ts";
+
+const DIR = new URL("../fixtures/resampler/", import.meta.url).pathname;
+
+/** Right-padded 0/1 mask rows -> number of real positions per row. */
+function lengthsFromMask(mask: number[], batch: number): number[] {
+  const t = mask.length / batch;
+  return Array.from({ length: batch }, (_, b) => {
+    const row = mask.slice(b * t, (b + 1) * t);
+    const len = row.indexOf(0) === -1 ? t : row.indexOf(0);
+    assert.ok(row.slice(len).every((m) => m === 0), `mask row ${b} is not right-padded`);
+    return len;
+  });
+}
+
+async function hostParams(gpu: Gpu, w: ResamplerWeights): Promise<Map<string, Float32Array>> {
+  const values = await gpu.readAll([...w.params.values()]) as Float32Array[];
+  return new Map([...w.params.keys()].map((name, i) => [name, values[i]]));
+}
+
+Deno.test("resampler forward matches the oracle fixture (seq, pooled, final latents)", async () => {
+  const gpu = await testGpu();
+  const config = await readResamplerConfig(`${DIR}config.json`);
+  assert.equal(resamplerParamCount(config), 31256);
+  const w = await loadResamplerWeights(gpu, config, `${DIR}model.safetensors`);
+  const cases = await SafetensorsFile.open(`${DIR}cases.safetensors`);
+  const hiddenHost = await cases.readF32("hidden");
+  const lengths = lengthsFromMask(await cases.readIntegers("attention_mask"), 2);
+  assert.deepEqual(lengths, [7, 11]);
+  const hidden = gpu.upload(hiddenHost, [2, 11, 64], "f32", "hidden");
+  const { seq, pooled, acts } = resamplerForwardTrain(gpu, w, hidden, lengths);
+  const infer = resamplerForward(gpu, w, hidden, lengths);
+  const [s, p, l, s2, p2] = await gpu.readAll([
+    seq,
+    pooled,
+    acts.latentsOut,
+    infer.seq,
+    infer.pooled,
+  ]) as Float32Array[];
+  const expected = {
+    seq: await cases.readF32("seq"),
+    pooled: await cases.readF32("pooled"),
+    latents: await cases.readF32("debug.latents_out"),
+  };
+  assertMaxAbs(expected.seq, s, 6e-5, "seq");
+  assertMaxAbs(expected.pooled, p, 5e-5, "pooled");
+  assertMaxAbs(expected.latents, l, 6e-5, "latents_out");
+  assertNmse(expected.seq, s, 1e-6, "seq");
+  assertNmse(expected.pooled, p, 1e-6, "pooled");
+  assertNmse(expected.latents, l, 1e-6, "latents_out");
+  // The inference forward frees as it goes but computes the same thing.
+  assert.deepEqual(s2, s);
+  assert.deepEqual(p2, p);
+  // The float64 reference agrees with the oracle too.
+  const ref = resamplerForwardRef(config, await hostParams(gpu, w), hiddenHost, lengths);
+  assertMaxAbs(expected.seq, ref.seq, 2e-6, "reference seq");
+  assertMaxAbs(expected.pooled, ref.pooled, 2e-6, "reference pooled");
+  assertMaxAbs(expected.latents, ref.latents, 2e-6, "reference latents_out");
+  destroyResamplerActivations(acts);
+  for (const t of [hidden, seq, pooled, infer.seq, infer.pooled]) t.destroy();
+  destroyResampler(w);
+  cases.close();
+});
+
+const TINY: ResamplerConfig = {
+  dimIn: 6,
+  dim: 8,
+  depth: 2,
+  heads: 2,
+  dimHead: 4,
+  ffMult: 4,
+  numQueries: 3,
+  dimSeq: 5,
+  dimPooled: 4,
+};
+
+/** Random values everywhere (LayerNorm weights around 1), so no gradient is trivially zero. */
+function randomParams(config: ResamplerConfig, seed: number): Map<string, Float32Array> {
+  const params = new Map<string, Float32Array>();
+  let i = 0;
+  for (const [name, shape] of resamplerParamShapes(config)) {
+    const values = randn(shape.reduce((a, b) => a * b, 1), seed + i++, 0.5);
+    const isNormWeight = /norm[^.]*\.weight$/.test(name);
+    params.set(name, isNormWeight ? values.map((v) => 1 + 0.4 * v) : values);
+  }
+  return params;
+}
+
+Deno.test("resampler backward matches finite differences of the float64 reference", async () => {
+  const gpu = await testGpu();
+  const [batch, t] = [3, 5];
+  const lengths = [3, 5, 0];
+  const host = randomParams(TINY, 100);
+  const w: ResamplerWeights = {
+    config: TINY,
+    params: new Map(
+      [...host].map((
+        [name, v],
+      ) => [name, gpu.upload(v, resamplerParamShapes(TINY).get(name)!, "f32", name)]),
+    ),
+  };
+  const hiddenHost = randn(batch * t * TINY.dimIn, 7);
+  const dSeqHost = randn(batch * TINY.numQueries * TINY.dimSeq, 8);
+  const dPooledHost = randn(batch * TINY.dimPooled, 9);
+  const hidden = gpu.upload(hiddenHost, [batch, t, TINY.dimIn], "f32", "hidden");
+  const dSeq = gpu.upload(dSeqHost, [batch, TINY.numQueries, TINY.dimSeq], "f32", "dSeq");
+  const dPooled = gpu.upload(dPooledHost, [batch, TINY.dimPooled], "f32", "dPooled");
+  const { seq, pooled, acts } = resamplerForwardTrain(gpu, w, hidden, lengths);
+  const { grads, dHidden } = resamplerBackward(gpu, w, acts, dSeq, dPooled);
+  assert.deepEqual([...grads.keys()], [...w.params.keys()]);
+  const [s, p, dh, ...g] = await gpu.readAll([
+    seq,
+    pooled,
+    dHidden,
+    ...grads.values(),
+  ]) as Float32Array[];
+
+  const ref = resamplerForwardRef(TINY, host, hiddenHost, lengths);
+  assertNmse(ref.seq, s, 1e-11, "seq vs reference");
+  assertNmse(ref.pooled, p, 1e-11, "pooled vs reference");
+
+  const loss = (params: ReadonlyMap<string, ArrayLike<number>>, h: ArrayLike<number>) => {
+    const out = resamplerForwardRef(TINY, params, h, lengths);
+    return dot(dSeqHost, out.seq) + dot(dPooledHost, out.pooled);
+  };
+  [...grads.keys()].forEach((name, i) => {
+    const fd = numericGrad(
+      (v) => loss(new Map<string, ArrayLike<number>>([...host, [name, v]]), hiddenHost),
+      host.get(name)!,
+    );
+    assertNmse(fd, g[i], 1e-10, `grad ${name}`);
+  });
+  const fdHidden = numericGrad((h) => loss(host, h), hiddenHost);
+  assertNmse(fdHidden, dh, 1e-10, "dHidden");
+  // Padded positions are invisible, so their gradient is exactly zero.
+  for (let b = 0; b < batch; b++) {
+    const padded = dh.subarray((b * t + lengths[b]) * TINY.dimIn, (b + 1) * t * TINY.dimIn);
+    assert.ok(padded.every((v) => v === 0), `dHidden of padded positions of row ${b}`);
+  }
+  destroyResamplerActivations(acts);
+  for (const x of [hidden, dSeq, dPooled, seq, pooled, dHidden, ...grads.values()]) x.destroy();
+  destroyResampler(w);
+});
+
+Deno.test("initResampler follows PyTorch's defaults and is reproducible from the seed", async () => {
+  const gpu = await testGpu();
+  const config = { ...TINY, dimIn: 40, dim: 16 };
+  const a = await hostParams(gpu, initResampler(gpu, config, new Rng(5)));
+  const b = await hostParams(gpu, initResampler(gpu, config, new Rng(5)));
+  assert.deepEqual([...a.keys()], [...resamplerParamShapes(config).keys()]);
+  assert.deepEqual(a, b);
+  const within = (v: Float32Array, bound: number) => v.every((x) => Math.abs(x) <= bound);
+  assert.ok(within(a.get("proj_in.weight")!, 1 / Math.sqrt(40)));
+  assert.ok(within(a.get("proj_in.bias")!, 1 / Math.sqrt(40)));
+  assert.ok(within(a.get("layers.1.ff.w2.weight")!, 1 / Math.sqrt(64)));
+  assert.ok(!within(a.get("proj_in.weight")!, 0.9 / Math.sqrt(40)), "uses the whole range");
+  assert.ok(a.get("layers.0.attn.norm_x.weight")!.every((x) => x === 1));
+  assert.ok(a.get("norm_pool.bias")!.every((x) => x === 0));
+  const latents = a.get("latents")!;
+  const std = Math.sqrt(latents.reduce((s, x) => s + x * x, 0) / latents.length);
+  assert.ok(std > 0.15 && std < 0.35, `latents std ${std}, expected about 16^-0.5 = 0.25`);
+});
+
+Deno.test("resampler parameter count at the defaults with a 2560-wide student", () => {
+  const count = resamplerParamCount({ dimIn: 2560, ...RESAMPLER_DEFAULTS });
+  console.log(`resampler parameters (defaults, dim_in 2560): ${count}`);
+  assert.equal(count, 213_601_536);
+});
+
+Deno.test("saveResampler and loadResampler round-trip config and weights", async () => {
+  const gpu = await testGpu();
+  const dir = await Deno.makeTempDir();
+  try {
+    const w = initResampler(gpu, TINY, new Rng(3));
+    await saveResampler(gpu, w, dir);
+    const json = JSON.parse(await Deno.readTextFile(join(dir, RESAMPLER_CONFIG_FILE)));
+    assert.deepEqual(json, {
+      dim_in: 6,
+      dim: 8,
+      depth: 2,
+      heads: 2,
+      dim_head: 4,
+      ff_mult: 4,
+      num_queries: 3,
+      dim_seq: 5,
+      dim_pooled: 4,
+    });
+    const file = await SafetensorsFile.open(join(dir, RESAMPLER_WEIGHTS_FILE));
+    assert.deepEqual(file.names(), [...resamplerParamShapes(TINY).keys()]);
+    file.close();
+    assert.deepEqual(
+      (await Array.fromAsync(Deno.readDir(dir))).map((e) => e.name).sort(),
+      [
+        RESAMPLER_CONFIG_FILE,
+        RESAMPLER_WEIGHTS_FILE,
+      ].sort(),
+    );
+    const loaded = await loadResampler(gpu, dir, { studentHiddenSize: 6 });
+    assert.deepEqual(loaded.config, TINY);
+    assert.deepEqual(await hostParams(gpu, loaded), await hostParams(gpu, w));
+    destroyResampler(w);
+    destroyResampler(loaded);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("resampler config and weight errors name the file, the key and the fix", async () => {
+  const gpu = await testGpu();
+  assert.deepEqual(parseResamplerConfig({ dim_in: 2560 }, "c.json"), {
+    dimIn: 2560,
+    ...RESAMPLER_DEFAULTS,
+  });
+  assert.throws(() => parseResamplerConfig({ dim: 8 }, "c.json"), /c.json: 'dim_in'.*required/);
+  assert.throws(
+    () => parseResamplerConfig({ dim_in: 8, depht: 2 }, "c.json"),
+    /c.json: unknown key 'depht'/,
+  );
+  assert.throws(
+    () => parseResamplerConfig({ dim_in: 8, dim_head: 6 }, "c.json"),
+    /'dim_head' 6 must be a multiple of 4/,
+  );
+  assert.throws(
+    () => parseResamplerConfig({ dim_in: 8, heads: 0 }, "c.json"),
+    /'heads' must be a positive integer/,
+  );
+
+  const dir = await Deno.makeTempDir();
+  try {
+    const w = initResampler(gpu, TINY, new Rng(1));
+    await saveResampler(gpu, w, dir);
+    await assert.rejects(
+      loadResampler(gpu, dir, { studentHiddenSize: 2560 }),
+      /this resampler expects dim_in 6 but the student has hidden size 2560/,
+    );
+    const weightsPath = join(dir, RESAMPLER_WEIGHTS_FILE);
+    const values = await hostParams(gpu, w);
+    const shapes = resamplerParamShapes(TINY);
+    const write = (skip: string, reshape?: [string, number[]], extra?: string) =>
+      writeSafetensors(weightsPath, [
+        ...[...values].filter(([name]) => name !== skip).map(([name, data]) => ({
+          name,
+          dtype: "F32" as const,
+          shape: reshape?.[0] === name ? reshape[1] : shapes.get(name)!,
+          data,
+        })),
+        ...(extra
+          ? [{ name: extra, dtype: "F32" as const, shape: [1], data: new Float32Array(1) }]
+          : []),
+      ]);
+    await write("layers.1.ff.w1.weight");
+    await assert.rejects(
+      loadResampler(gpu, dir),
+      /resampler.safetensors: tensor 'layers.1.ff.w1.weight' is missing.*depth 2/,
+    );
+    await write("", ["latents", [8, 3]]);
+    await assert.rejects(
+      loadResampler(gpu, dir),
+      /tensor 'latents' has shape \[8,3\] but .*resampler_config.json implies \[3,8\]/,
+    );
+    await write("", undefined, "layers.2.ff.w1.weight");
+    await assert.rejects(
+      loadResampler(gpu, dir),
+      /tensor 'layers.2.ff.w1.weight' is not a parameter .*depth 2/,
+    );
+    await Deno.writeTextFile(join(dir, RESAMPLER_CONFIG_FILE), "{");
+    await assert.rejects(loadResampler(gpu, dir), /resampler_config.json: invalid JSON/);
+    await assert.rejects(
+      loadResampler(gpu, join(dir, "nope")),
+      /resampler_config.json not found/,
+    );
+
+    const hidden = gpu.upload(randn(2 * 4 * 5, 1), [2, 4, 5], "f32", "hidden");
+    assert.throws(
+      () => resamplerForward(gpu, w, hidden, [4, 4]),
+      /expects dim_in 6 but the student has hidden size 5/,
+    );
+    const good = gpu.upload(randn(2 * 4 * 6, 1), [2, 4, 6], "f32", "hidden");
+    assert.throws(
+      () => resamplerForward(gpu, w, good, [4, 5]),
+      /keyLengths\[1\] = 5 is outside \[0, 4\]/,
+    );
+    assert.throws(
+      () => resamplerForward(gpu, w, good, [4]),
+      /keyLengths has 1 entries, 2 expected/,
+    );
+    const { seq, pooled, acts } = resamplerForwardTrain(gpu, w, good, [4, 2]);
+    assert.throws(
+      () => resamplerBackward(gpu, w, acts, pooled, seq),
+      /dSeq .* must be f32 \[2,3,5\]/,
+    );
+    destroyResamplerActivations(acts);
+    for (const t of [hidden, good, seq, pooled]) t.destroy();
+    destroyResampler(w);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
