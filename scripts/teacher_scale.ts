@@ -189,6 +189,8 @@ export interface TeacherCacheResult {
   captionsPerSecond: number;
   /** Highest Deno.memoryUsage().rss seen while loading and caching (sampled every 100 ms). */
   peakRssBytes: number;
+  /** Deno.memoryUsage().rss right after the teacher was loaded. */
+  rssAfterLoadBytes: number;
   /** /proc/self/status VmHWM at the end (Linux only). */
   vmHwmBytes?: number;
   /** Sum of the weight tensors' bytes. */
@@ -217,6 +219,7 @@ async function measure(
     const loadStart = performance.now();
     const teacher = await loadSdxlTeacher(gpu, dir);
     const loadSeconds = (performance.now() - loadStart) / 1000;
+    const rssAfterLoadBytes = Deno.memoryUsage().rss;
     sample();
     const cacheStart = performance.now();
     await runCache({ data: PROMPTS, limit: prompts, out, batchSize }, teacher);
@@ -238,6 +241,7 @@ async function measure(
       cacheSeconds,
       captionsPerSecond: prompts / cacheSeconds,
       peakRssBytes: peakRss,
+      rssAfterLoadBytes,
       vmHwmBytes: await procStatusBytes("VmHWM"),
       weightBytes: teacher.gpuBytes,
       peakPoolBytes: peakPool,

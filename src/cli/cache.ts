@@ -193,10 +193,7 @@ export type LoadSdxlTeacher = (gpu: Gpu, sdxlDir: string) => Promise<Teacher>;
 
 /** Loads the SDXL teacher of `sdxlDir` on a fresh GPU device. */
 export async function openSdxlTeacher(sdxlDir: string): Promise<OpenedTeacher> {
-  // A computed specifier: the teacher module is written separately, and a literal one would
-  // fail type-checking until it exists.
-  const specifier = "../models/sdxl_teacher.ts";
-  const { loadSdxlTeacher } = (await import(specifier)) as { loadSdxlTeacher: LoadSdxlTeacher };
+  const { loadSdxlTeacher } = await import("../models/sdxl_teacher.ts");
   const gpu = await Gpu.create();
   try {
     return { teacher: await loadSdxlTeacher(gpu, sdxlDir), close: () => gpu.destroy() };

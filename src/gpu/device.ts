@@ -169,9 +169,15 @@ export class Gpu {
   /** A zero-filled tensor. */
   zeros(shape: readonly number[], dtype: DType, name = "tensor"): Tensor {
     const t = this.empty(shape, dtype, name);
+    this.clear(t);
+    return t;
+  }
+
+  /** Records zeroing `t` (e.g. gradient buffers between optimizer steps). */
+  clear(t: Tensor): void {
     this.#endPass();
     this.#commandEncoder().clearBuffer(t.buffer, 0, t.byteLength);
-    return t;
+    this.#recorded++;
   }
 
   /**

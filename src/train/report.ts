@@ -19,11 +19,15 @@ export interface ReportOptions {
   config?: Record<string, unknown>;
 }
 
+type Point = readonly [number, number];
+
 interface Series {
   name: string;
-  points: ReadonlyArray<readonly [number, number]>;
-  /** Draw each point as a dot (sparse series like evals); dense series get dots only when few. */
+  points: readonly Point[];
+  /** Draw each point as a dot (sparse series like evals); others get dots only when few. */
   dots?: boolean;
+  /** Noisy per-step values: when many, drawn faint under their moving average. */
+  smooth?: boolean;
 }
 
 interface ChartSpec {
@@ -43,6 +47,8 @@ const H = 300;
 const PLOT = { left: 64, right: W - 16, top: 40, bottom: H - 44 };
 const PLOT_W = PLOT.right - PLOT.left;
 const MAX_MARKS = 200;
+const MAX_DOTS = 40;
+const SMOOTH_MIN_POINTS = 100;
 const MAX_LISTED_STEPS = 5;
 
 function escapeHtml(text: string): string {
@@ -87,14 +93,17 @@ function niceStep(raw: number): number {
   return (m < 1.5 ? 1 : m < 3.5 ? 2 : m < 7.5 ? 5 : 10) * p;
 }
 
-/** A linear axis over [lo, hi] widened to whole ticks; a single value gets room around it. */
-function linearAxis(lo: number, hi: number, target = 5): Axis {
+/**
+ * A linear axis over [lo, hi] widened to whole ticks, at least `minStep` apart; a single value
+ * gets room around it.
+ */
+function linearAxis(lo: number, hi: number, target = 5, minStep = 0): Axis {
   if (lo === hi) {
     const pad = lo === 0 ? 1 : Math.abs(lo) * 0.1;
     lo -= pad;
     hi += pad;
   }
-  const step = niceStep((hi - lo) / target);
+  const step = Math.max(niceStep((hi - lo) / target), minStep);
   const first = Math.floor(lo / step);
   const last = Math.ceil(hi / step);
   const ticks = [];
@@ -130,10 +139,10 @@ function position(axis: Axis, v: number, from: number, to: number): number {
 function splitRuns(
   points: Series["points"],
   drawable: (y: number) => boolean,
-): { runs: Array<Array<readonly [number, number]>>; skipped: Array<readonly [number, number]> } {
-  const runs: Array<Array<readonly [number, number]>> = [];
-  const skipped: Array<readonly [number, number]> = [];
-  let run: Array<readonly [number, number]> = [];
+): { runs: Point[][]; skipped: Point[] } {
+  const runs: Point[][] = [];
+  const skipped: Point[] = [];
+  let run: Point[] = [];
   for (const p of points) {
     if (drawable(p[1])) {
       run.push(p);
@@ -149,11 +158,11 @@ function splitRuns(
 
 /** Keeps the lowest and highest point of each pixel column, in x order. */
 function decimate(
-  run: Array<readonly [number, number]>,
+  run: Point[],
   column: (x: number) => number,
-): Array<readonly [number, number]> {
+): Point[] {
   if (run.length <= 2 * PLOT_W) return run;
-  const out: Array<readonly [number, number]> = [];
+  const out: Point[] = [];
   let i = 0;
   while (i < run.length) {
     const c = Math.floor(column(run[i][0]));
@@ -176,18 +185,45 @@ function listSteps(steps: number[]): string {
   return steps.length > MAX_LISTED_STEPS ? `${shown}, …` : shown;
 }
 
+function extent(values: number[]): [number, number] {
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (const v of values) {
+    if (v < lo) lo = v;
+    if (v > hi) hi = v;
+  }
+  return [lo, hi];
+}
+
 function chooseYAxis(values: number[], scale: ChartSpec["yScale"]): Axis {
-  const finite = values.filter(Number.isFinite);
-  const lo = Math.min(...finite);
-  const hi = Math.max(...finite);
+  const [lo, hi] = extent(values.filter(Number.isFinite));
   return scale === "auto" && lo > 0 && hi / lo >= 20 ? logAxis(lo, hi) : linearAxis(lo, hi);
+}
+
+/**
+ * Exponential moving average over the drawable values, spanning about a fiftieth of the series;
+ * the other points stay as they are, so the average breaks where the raw line does.
+ */
+function movingAverage(points: Series["points"], drawable: (y: number) => boolean) {
+  const span = Math.max(2, Math.round(points.length / 50));
+  const alpha = 2 / (span + 1);
+  let average: number | undefined;
+  const smoothed = points.map(([x, y]): Point => {
+    if (!drawable(y)) return [x, y];
+    average = average === undefined ? y : average + alpha * (y - average);
+    return [x, average];
+  });
+  return { smoothed, span };
 }
 
 function svgText(x: number, y: number, text: string, attrs = ""): string {
   return `<text x="${x}" y="${y}" ${attrs}>${escapeHtml(text)}</text>`;
 }
 
-/** One chart as a figure: the SVG plot and a caption that counts what was left out. */
+/**
+ * One chart as a figure: the SVG plot and a caption that counts the points left out.
+ * Each series keeps its colour by its place in `spec.series`, present or not.
+ */
 function renderChart(spec: ChartSpec): string {
   const all = spec.series.flatMap((s) => s.points);
   const heading = `<h3>${escapeHtml(spec.title)}</h3>`;
@@ -199,12 +235,18 @@ function renderChart(spec: ChartSpec): string {
       svgText(W / 2, (PLOT.top + PLOT.bottom) / 2, spec.empty, 'class="empty"') + `</svg>`;
     return `<figure id="${spec.id}">${heading}${svg}</figure>`;
   }
-  const xs = all.map((p) => p[0]);
-  const xAxis = linearAxis(Math.min(...xs), Math.max(...xs), 6);
+  const [xLo, xHi] = extent(all.map((p) => p[0]));
+  // Steps are whole numbers: a lone step gets a step of room each side, and no fractional ticks.
+  const xAxis = xLo === xHi ? linearAxis(xLo - 1, xHi + 1, 2) : linearAxis(xLo, xHi, 6, 1);
   const yAxis = chooseYAxis(all.map((p) => p[1]), spec.yScale);
   const px = (x: number) => position(xAxis, x, PLOT.left, PLOT.right);
   const py = (y: number) => position(yAxis, y, PLOT.bottom, PLOT.top);
   const drawable = (y: number) => Number.isFinite(y) && (!yAxis.log || y > 0);
+  const path = (runs: Point[][]) =>
+    runs.map((run) =>
+      run.map(([x, y], k) => `${k === 0 ? "M" : "L"}${px(x).toFixed(1)} ${py(y).toFixed(1)}`)
+        .join("")
+    ).join("");
 
   const parts: string[] = [];
   parts.push(
@@ -212,7 +254,6 @@ function renderChart(spec: ChartSpec): string {
     `<defs><clipPath id="${spec.id}-clip"><rect x="${PLOT.left}" y="${PLOT.top - 2}" ` +
       `width="${PLOT_W}" height="${PLOT.bottom - PLOT.top + 4}"/></clipPath></defs>`,
   );
-  // Grid and ticks.
   for (const t of yAxis.ticks) {
     const y = py(t).toFixed(1);
     parts.push(
@@ -242,22 +283,33 @@ function renderChart(spec: ChartSpec): string {
     ),
   );
 
-  // Series, then the left-out points, then the legend on top.
-  const notes: string[] = [];
+  // Series, then the marks for left-out points, then the legend.
+  const warnings: string[] = [];
+  let smoothingSpan = 0;
   const marks = new Map<number, string[]>();
-  spec.series.forEach((series, i) => {
+  const present = spec.series.map((series, i) => ({ series, i }))
+    .filter(({ series }) => series.points.length > 0);
+  for (const { series, i } of present) {
     const { runs, skipped } = splitRuns(series.points, drawable);
     const drawn = runs.map((run) => decimate(run, px));
-    const d = drawn.map((run) =>
-      run.map(([x, y], k) => `${k === 0 ? "M" : "L"}${px(x).toFixed(1)} ${py(y).toFixed(1)}`)
-        .join("")
-    ).join("");
+    const count = drawn.reduce((n, run) => n + run.length, 0);
+    const dense = series.smooth && count >= SMOOTH_MIN_POINTS;
     parts.push(
       `<g class="s${i}${series.dots ? " sparse" : ""}" clip-path="url(#${spec.id}-clip)">`,
     );
-    if (d) parts.push(`<path class="line" d="${d}"/>`);
-    const count = drawn.reduce((n, run) => n + run.length, 0);
-    if (series.dots || count <= 40) {
+    if (dense) {
+      const { smoothed, span } = movingAverage(series.points, drawable);
+      smoothingSpan = Math.max(smoothingSpan, span);
+      parts.push(
+        `<path class="line raw" d="${path(drawn)}"/>`,
+        `<path class="line" d="${
+          path(splitRuns(smoothed, drawable).runs.map((run) => decimate(run, px)))
+        }"/>`,
+      );
+    } else {
+      parts.push(`<path class="line" d="${path(drawn)}"/>`);
+    }
+    if (series.dots || count <= MAX_DOTS) {
       for (const run of drawn) {
         for (const [x, y] of run) {
           parts.push(
@@ -270,14 +322,10 @@ function renderChart(spec: ChartSpec): string {
     }
     parts.push(`</g>`);
     if (skipped.length) {
-      const steps = skipped.map((p) => p[0]);
-      notes.push(
-        `${escapeHtml(series.name)}: ${skipped.length} value${
-          skipped.length > 1 ? "s" : ""
-        } left out (${
-          escapeHtml([...new Set(skipped.map((p) => formatNumber(p[1])))].join(", "))
-        }` +
-          ` at step ${escapeHtml(listSteps(steps))})`,
+      const values = [...new Set(skipped.map((p) => formatNumber(p[1])))].join(", ");
+      warnings.push(
+        `${series.name}: ${skipped.length} value${skipped.length > 1 ? "s" : ""} left out ` +
+          `(${values} at step ${listSteps(skipped.map((p) => p[0]))})`,
       );
       for (const [x, y] of skipped) {
         const column = Math.round(px(x));
@@ -286,7 +334,7 @@ function renderChart(spec: ChartSpec): string {
         else if (marks.size < MAX_MARKS) marks.set(column, [entry]);
       }
     }
-  });
+  }
   for (const [column, entries] of marks) {
     const y = PLOT.top + 6;
     parts.push(
@@ -296,7 +344,7 @@ function renderChart(spec: ChartSpec): string {
     );
   }
   let lx = PLOT.left;
-  spec.series.forEach((series, i) => {
+  for (const { series, i } of present) {
     parts.push(
       `<g class="s${i} legend"><line class="line" x1="${lx}" x2="${lx + 18}" y1="18" y2="18"/>`,
       series.dots ? `<circle class="dot" cx="${lx + 9}" cy="18" r="3"/>` : "",
@@ -304,13 +352,19 @@ function renderChart(spec: ChartSpec): string {
       `</g>`,
     );
     lx += 36 + series.name.length * 6.6;
-  });
+  }
   parts.push(`</svg>`);
-  const caption = notes.length ? `<figcaption class="warn">${notes.join("<br>")}</figcaption>` : "";
-  return `<figure id="${spec.id}">${heading}${parts.join("")}${caption}</figure>`;
+  const captions = [
+    ...(smoothingSpan
+      ? [
+        `<figcaption>Faint: every step; solid: moving average (EMA over about ${smoothingSpan} ` +
+        `steps).</figcaption>`,
+      ]
+      : []),
+    ...warnings.map((w) => `<figcaption class="warn">${escapeHtml(w)}</figcaption>`),
+  ];
+  return `<figure id="${spec.id}">${heading}${parts.join("")}${captions.join("")}</figure>`;
 }
-
-type Point = readonly [number, number];
 
 function stepSeries(steps: StepRecord[], value: (r: StepRecord) => number): Point[] {
   return steps.map((r) => [r.step, value(r)] as const);
@@ -431,6 +485,7 @@ svg .axis { stroke: var(--frame); stroke-width: 1; }
 svg .frame { fill: none; stroke: var(--frame); stroke-width: 1; }
 svg .line { fill: none; stroke-width: 1.6; stroke-linejoin: round; stroke: var(--c); }
 svg .sparse .line { stroke-width: 2.2; }
+svg .raw { stroke-width: 1; opacity: 0.35; }
 svg .dot { fill: var(--c); stroke: var(--bg); stroke-width: 1; }
 svg .skip { stroke: var(--warn); stroke-width: 2; }
 .s0 { --c: var(--c0); } .s1 { --c: var(--c1); } .s2 { --c: var(--c2); } .s3 { --c: var(--c3); }
@@ -452,9 +507,9 @@ export function renderReport(records: MetricsRecord[], options: ReportOptions): 
       yScale: "auto",
       empty: noStep,
       series: [
-        { name: "train", points: stepSeries(steps, (r) => r.loss) },
-        { name: "train seq", points: stepSeries(steps, (r) => r.loss_seq) },
-        { name: "train pooled", points: stepSeries(steps, (r) => r.loss_pooled) },
+        { name: "train", points: stepSeries(steps, (r) => r.loss), smooth: true },
+        { name: "train seq", points: stepSeries(steps, (r) => r.loss_seq), smooth: true },
+        { name: "train pooled", points: stepSeries(steps, (r) => r.loss_pooled), smooth: true },
         { name: "held-out", points: evalSeries(evals, (r) => r.heldout_loss), dots: true },
       ],
     },
@@ -488,9 +543,13 @@ export function renderReport(records: MetricsRecord[], options: ReportOptions): 
       yScale: "auto",
       empty: noStep,
       series: [
-        { name: "total", points: stepSeries(steps, (r) => r.grad_norm.total) },
-        { name: "resampler", points: stepSeries(steps, (r) => r.grad_norm.resampler) },
-        { name: "lora", points: stepSeries(steps, (r) => r.grad_norm.lora) },
+        { name: "total", points: stepSeries(steps, (r) => r.grad_norm.total), smooth: true },
+        {
+          name: "resampler",
+          points: stepSeries(steps, (r) => r.grad_norm.resampler),
+          smooth: true,
+        },
+        { name: "lora", points: stepSeries(steps, (r) => r.grad_norm.lora), smooth: true },
       ],
     },
     {
@@ -510,7 +569,11 @@ export function renderReport(records: MetricsRecord[], options: ReportOptions): 
       yLabel: "samples/s",
       yScale: "linear",
       empty: noStep,
-      series: [{ name: "samples/s", points: stepSeries(steps, (r) => r.samples_per_s) }],
+      series: [{
+        name: "samples/s",
+        points: stepSeries(steps, (r) => r.samples_per_s),
+        smooth: true,
+      }],
     },
   ];
   const started = run ? `Started ${escapeHtml(run.time)} · ` : "";

@@ -1,0 +1,172 @@
+import assert from "node:assert/strict";
+import { ModelFolder } from "../../src/io/hf.ts";
+import { SafetensorsFile } from "../../src/io/safetensors.ts";
+import { loadLora } from "../../src/models/lora.ts";
+import type { TokenBatch } from "../../src/models/qwen3.ts";
+import { loadQwen3Weights, qwen3LinearShapes } from "../../src/models/qwen3_weights.ts";
+import { loadResamplerWeights, parseResamplerConfig } from "../../src/models/resampler.ts";
+import { DistillStep, type MicroBatch, type StudentModel } from "../../src/train/step.ts";
+import { testGpu } from "../helpers.ts";
+
+const FIX = new URL("../fixtures/", import.meta.url).pathname;
+
+/** Tolerances as the fixture README states them (first "abs" value: optimizer fed stored inputs). */
+async function tolerances(): Promise<Map<string, number[]>> {
+  const text = await Deno.readTextFile(`${FIX}train_step/README.md`);
+  const out = new Map<string, number[]>();
+  for (const line of text.split("\n")) {
+    const m = line.match(/^\| `([^`]+)` \|.*\| ([^|]*) \|$/);
+    if (!m) continue;
+    const abs = [...m[2].matchAll(/abs ([0-9.e+-]+)/g)].map((x) => Number(x[1]));
+    if (abs.length) out.set(m[1], abs);
+  }
+  return out;
+}
+
+async function loadStudent(): Promise<StudentModel> {
+  const gpu = await testGpu();
+  const qwen = await loadQwen3Weights(gpu, await ModelFolder.open(`${FIX}qwen3`));
+  const lora = await loadLora(
+    gpu,
+    `${FIX}qwen3/lora`,
+    qwen3LinearShapes(qwen.config),
+    qwen.config.numLayers,
+  );
+  const config = parseResamplerConfig(
+    JSON.parse(await Deno.readTextFile(`${FIX}resampler/config.json`)),
+    "fixture resampler config",
+  );
+  const resampler = await loadResamplerWeights(gpu, config, `${FIX}resampler/model.safetensors`);
+  return { qwen, lora, resampler };
+}
+
+async function fixtureBatch(cases: SafetensorsFile, rows: number[]): Promise<MicroBatch> {
+  const ids = await cases.readIntegers("input_ids");
+  const mask = await cases.readIntegers("attention_mask");
+  const seq = await cases.readF32("target_seq");
+  const pooled = await cases.readF32("target_pooled");
+  const [b, t] = cases.info("input_ids").shape;
+  const seqRow = seq.length / b;
+  const pooledRow = pooled.length / b;
+  const tokens: TokenBatch = {
+    ids: Int32Array.from(rows.flatMap((r) => ids.slice(r * t, (r + 1) * t))),
+    lengths: rows.map((r) => mask.slice(r * t, (r + 1) * t).reduce((a, x) => a + x, 0)),
+    batch: rows.length,
+    seqLen: t,
+  };
+  return {
+    tokens,
+    targetSeq: Float32Array.from(
+      rows.flatMap((r) => [...seq.subarray(r * seqRow, (r + 1) * seqRow)]),
+    ),
+    targetPooled: Float32Array.from(
+      rows.flatMap((r) => [...pooled.subarray(r * pooledRow, (r + 1) * pooledRow)]),
+    ),
+  };
+}
+
+function maxAbs(a: Float32Array, b: Float32Array): number {
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]));
+  return m;
+}
+
+async function compareTensors(
+  step: DistillStep,
+  cases: SafetensorsFile,
+  prefix: string,
+  tensors: Map<string, import("../../src/gpu/tensor.ts").Tensor>,
+  tol: Map<string, number[]>,
+  which: "first" | "last",
+) {
+  const names = [...tensors.keys()];
+  const got = (await step.gpu.readAll(names.map((n) => tensors.get(n)!))) as Float32Array[];
+  for (let i = 0; i < names.length; i++) {
+    const key = `${prefix}${names[i]}`;
+    const expected = await cases.readF32(key);
+    const bounds = tol.get(key)!;
+    const bound = which === "first" ? bounds[0] : bounds[bounds.length - 1];
+    const err = maxAbs(expected, got[i]);
+    assert.ok(err <= bound, `${key}: max |diff| ${err} over ${bound}`);
+  }
+}
+
+function near(name: string, actual: number, expected: number, bound: number) {
+  assert.ok(
+    Math.abs(actual - expected) <= bound,
+    `${name}: ${actual} vs ${expected} (bound ${bound})`,
+  );
+}
+
+Deno.test("a distillation step matches the train_step fixture: loss, gradients, norms, AdamW x2, accumulation", async () => {
+  const gpu = await testGpu();
+  const tol = await tolerances();
+  const config = JSON.parse(await Deno.readTextFile(`${FIX}train_step/train_config.json`));
+  const settings = {
+    lr: { resampler: config.optimizer.lr_resampler, lora: config.optimizer.lr_lora },
+    weightDecay: config.optimizer.weight_decay,
+    maxGradNorm: config.max_grad_norm,
+  };
+  const cases = await SafetensorsFile.open(`${FIX}train_step/cases.safetensors`);
+  const scalar = async (name: string) => (await cases.readF32(name))[0];
+  const full = await fixtureBatch(cases, [0, 1]);
+
+  const student = await loadStudent();
+  const step = new DistillStep(gpu, student, settings, { gradientCheckpointing: false });
+  step.accumulate(full, 1, 0);
+  const m1 = await step.measure();
+  near("loss", m1.loss, await scalar("loss"), tol.get("loss")![0]);
+  near("loss_seq", m1.lossSeq, await scalar("loss_seq"), tol.get("loss_seq")![0]);
+  near("loss_pooled", m1.lossPooled, await scalar("loss_pooled"), tol.get("loss_pooled")![0]);
+  await compareTensors(step, cases, "grad.", step.gradients(), tol, "first");
+  near("grad_norm", m1.gradNorm.total, await scalar("grad_norm"), tol.get("grad_norm")![0]);
+  near(
+    "grad_norm.lora",
+    m1.gradNorm.lora,
+    await scalar("grad_norm.lora"),
+    tol.get("grad_norm.lora")![0],
+  );
+  near(
+    "grad_norm.resampler",
+    m1.gradNorm.resampler,
+    await scalar("grad_norm.resampler"),
+    tol.get("grad_norm.resampler")![0],
+  );
+  const coef1 = step.apply(m1.gradNorm.total, 1);
+  near("clip_coef", coef1, await scalar("clip_coef"), tol.get("clip_coef")![0]);
+  const params = () =>
+    new Map([
+      ...step.student.resampler.params,
+      ...step.optimizer.groups.find((g) => g.name === "lora")!.params,
+    ]);
+  // End to end (our own gradients), so the looser second tolerance applies.
+  await compareTensors(step, cases, "step1.", params(), tol, "last");
+
+  step.accumulate(full, 1, 0);
+  const m2 = await step.measure();
+  near("step2.loss", m2.loss, await scalar("step2.loss"), tol.get("step2.loss")!.at(-1)!);
+  step.apply(m2.gradNorm.total, 1);
+  await compareTensors(step, cases, "step2.", params(), tol, "last");
+  step.destroy();
+
+  const fresh = await loadStudent();
+  const accum = new DistillStep(gpu, fresh, settings, { gradientCheckpointing: true });
+  accum.accumulate(await fixtureBatch(cases, [0]), 0.5, 0);
+  accum.accumulate(await fixtureBatch(cases, [1]), 0.5, 0);
+  const ma = await accum.measure();
+  await compareTensors(accum, cases, "accum.grad.", accum.gradients(), tol, "first");
+  near(
+    "accum.grad_norm",
+    ma.gradNorm.total,
+    await scalar("accum.grad_norm"),
+    tol.get("accum.grad_norm")![0],
+  );
+  accum.apply(ma.gradNorm.total, 1);
+  const accumParams = new Map([
+    ...accum.student.resampler.params,
+    ...accum.optimizer.groups.find((g) => g.name === "lora")!.params,
+  ]);
+  await compareTensors(accum, cases, "accum.step1.", accumParams, tol, "last");
+  accum.destroy();
+  cases.close();
+});
