@@ -5,9 +5,11 @@
  *   deno run --allow-read --allow-write --allow-run --allow-env scripts/render_report.ts \
  *     --run runs/my-run [--png report.png] [--dark] [--chromium /usr/bin/chromium]
  */
-import { resolve } from "node:path";
+import { existsSync } from "node:fs";
+import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
-import { parseArgs } from "node:util";
+import { parseCommandArgs, UsageError } from "../src/cli/args.ts";
+import { METRICS_FILE } from "../src/train/metrics.ts";
 import { writeReport } from "../src/train/report.ts";
 
 export const DEFAULT_CHROMIUM = "/usr/bin/chromium";
@@ -92,21 +94,27 @@ const USAGE =
   "usage: render_report.ts --run DIR [--title TEXT] [--png OUT.png] [--dark] [--chromium PATH]";
 
 async function main(argv: string[]): Promise<number> {
-  const { values } = parseArgs({
-    args: argv,
-    options: {
+  let values;
+  try {
+    ({ values } = parseCommandArgs("render_report", argv, {
       run: { type: "string" },
       title: { type: "string" },
       png: { type: "string" },
       dark: { type: "boolean", default: false },
       chromium: { type: "string", default: DEFAULT_CHROMIUM },
-      help: { type: "boolean", short: "h" },
-    },
-    strict: true,
-  });
+    }));
+  } catch (err) {
+    if (!(err instanceof UsageError)) throw err;
+    console.error(`${err.message}\n${USAGE}`);
+    return 2;
+  }
   if (values.help || !values.run) {
     console.error(USAGE);
     return values.help ? 0 : 2;
+  }
+  if (!existsSync(join(values.run, METRICS_FILE))) {
+    console.error(`${values.run} has no ${METRICS_FILE}: pass the folder of a training run`);
+    return 1;
   }
   const report = await writeReport(values.run, values.title ? { title: values.title } : {});
   console.log(`wrote ${report}`);

@@ -163,13 +163,14 @@ interface ExpectedTensor {
   needed: boolean;
 }
 
-function layerTensors(c: ClipTextConfig, i: number): Map<string, [number[], Storage]> {
+type PutTensor = (name: string, shape: number[], storage: Storage, needed: boolean) => void;
+
+function putLayerTensors(put: PutTensor, c: ClipTextConfig, i: number, needed: boolean): void {
   const p = `${PREFIX}encoder.layers.${i}.`;
   const h = c.hiddenSize;
-  const m = new Map<string, [number[], Storage]>();
   for (const norm of ["layer_norm1", "layer_norm2"]) {
-    m.set(`${p}${norm}.weight`, [[h], "f32"]);
-    m.set(`${p}${norm}.bias`, [[h], "f32"]);
+    put(`${p}${norm}.weight`, [h], "f32", needed);
+    put(`${p}${norm}.bias`, [h], "f32", needed);
   }
   const linears: [string, number, number][] = [
     ...LINEARS.map((name): [string, number, number] => [name, h, h]),
@@ -177,10 +178,9 @@ function layerTensors(c: ClipTextConfig, i: number): Map<string, [number[], Stor
     ["mlp.fc2", h, c.intermediateSize],
   ];
   for (const [name, out, inp] of linears) {
-    m.set(`${p}${name}.weight`, [[out, inp], "as-stored"]);
-    m.set(`${p}${name}.bias`, [[out], "f32"]);
+    put(`${p}${name}.weight`, [out, inp], "as-stored", needed);
+    put(`${p}${name}.bias`, [out], "f32", needed);
   }
-  return m;
 }
 
 /**
@@ -193,14 +193,12 @@ function expectedTensors(
   pooled: boolean,
 ): Map<string, ExpectedTensor> {
   const expected = new Map<string, ExpectedTensor>();
-  const put = (name: string, shape: number[], storage: Storage, needed: boolean) =>
+  const put: PutTensor = (name, shape, storage, needed) => {
     expected.set(name, { shape, storage, needed });
+  };
   put(TOKEN_EMBEDDING, [c.vocabSize, c.hiddenSize], "as-stored", true);
   put(POSITION_EMBEDDING, [c.maxPositions, c.hiddenSize], "f32", true);
-  for (let i = 0; i < c.numLayers; i++) {
-    const needed = i < c.numLayers - 1 || pooled;
-    for (const [name, [shape, storage]] of layerTensors(c, i)) put(name, shape, storage, needed);
-  }
+  for (let i = 0; i < c.numLayers; i++) putLayerTensors(put, c, i, i < c.numLayers - 1 || pooled);
   put(`${FINAL_NORM}.weight`, [c.hiddenSize], "f32", pooled);
   put(`${FINAL_NORM}.bias`, [c.hiddenSize], "f32", pooled);
   if (folder.has(TEXT_PROJECTION)) {

@@ -182,12 +182,9 @@ export class QwenTokenizer {
         throw new TypeError(`QwenTokenizer: caption ${b} must be a string, got ${typeof caption}`);
       }
       const row = this.encode(caption, options);
-      if (row.ids.length === 0) {
-        throw new Error(
-          `caption ${b} gives no tokens (empty caption in raw mode); the encoder needs at least one`,
-        );
-      }
-      return row;
+      // An empty caption in raw mode has no tokens, but attention needs one key: it becomes
+      // the pad token (<|endoftext|>), the nearest thing to "nothing" the vocabulary has.
+      return row.ids.length > 0 ? row : { ids: Int32Array.of(this.padId), truncated: false };
     });
     const T = rows.reduce((longest, row) => Math.max(longest, row.ids.length), 0);
     const ids = new Int32Array(rows.length * T).fill(this.padId);

@@ -144,7 +144,18 @@ Deno.test("Qwen: clear errors for bad input", async () => {
     () => tokenizer.encodeBatch(["ok", undefined as unknown as string]),
     /caption 1 must be a string/,
   );
-  assert.throws(() => tokenizer.encodeBatch([""], { mode: "raw" }), /caption 0 gives no tokens/);
+});
+
+Deno.test("Qwen: an empty caption is the pad token in raw mode and the bare template in chat mode", async () => {
+  const tokenizer = await loadQwenTokenizerFromPackage();
+  const raw = tokenizer.encodeBatch(["", "a cat"], { mode: "raw" });
+  assert.deepEqual(raw.lengths, [1, 2]);
+  assert.equal(raw.ids[0], tokenizer.padId);
+  const chat = tokenizer.encodeBatch([""], { mode: "chat" });
+  assert.equal(
+    tokenizer.decode(chat.ids),
+    "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+  );
 });
 
 Deno.test("Qwen: folder loading, missing files and missing chat_template", async () => {

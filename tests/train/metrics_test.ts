@@ -130,7 +130,11 @@ Deno.test("metrics: a new run refuses to append to an existing log unless told t
     using log = await MetricsLog.open(dir, { overwrite: true });
     await log.logRun({ fresh: true }, START);
   }
-  assert.deepEqual(await readMetrics(dir), [{ type: "run", time: START.toISOString(), config: { fresh: true } }]);
+  assert.deepEqual(await readMetrics(dir), [{
+    type: "run",
+    time: START.toISOString(),
+    config: { fresh: true },
+  }]);
   await Deno.remove(dir, { recursive: true });
 });
 
@@ -161,7 +165,13 @@ Deno.test("metrics: resuming from step 0 keeps only the run record; a bad step i
     assert.equal(log.lastStep, undefined);
   }
   assert.deepEqual((await readMetrics(dir)).map((r) => r.type), ["run"]);
-  await assert.rejects(() => MetricsLog.open(dir, { resumeFromStep: 1.5 }), /expected a step number/);
-  await assert.rejects(() => MetricsLog.open(dir, { resumeFromStep: -1 }), /expected a step number/);
+  await assert.rejects(
+    () => MetricsLog.open(dir, { resumeFromStep: 1.5 }),
+    /expected a step number/,
+  );
+  await assert.rejects(
+    () => MetricsLog.open(dir, { resumeFromStep: -1 }),
+    /expected a step number/,
+  );
   await Deno.remove(dir, { recursive: true });
 });

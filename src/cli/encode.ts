@@ -1,0 +1,263 @@
+import { createHash } from "node:crypto";
+import { extname, join } from "node:path";
+import { Gpu } from "../gpu/device.ts";
+import { writeFileAtomic } from "../io/atomic.ts";
+import { f32ArrayToF16 } from "../io/dtype.ts";
+import { writeSafetensors } from "../io/safetensors.ts";
+import { decodeUtf8 } from "../data/collect.ts";
+import {
+  type Conditioning,
+  destroyStudent,
+  encodePrompts,
+  loadStudent,
+  type Student,
+} from "../models/student.ts";
+import { RESAMPLER_WEIGHTS_FILE } from "../models/resampler.ts";
+import { DISTILL_CONFIG_FILE } from "../train/adapter.ts";
+import { type Command, parseCommandArgs, UsageError } from "./args.ts";
+
+const HELP = `distill encode: turn prompts into SDXL conditioning with a trained student.
+
+Usage: deno task encode --qwen <folder> --adapter <folder> [options] "prompt" ["prompt" ...]
+       deno task encode --qwen <folder> --adapter <folder> --prompts prompts.txt [options]
+
+Options:
+  --qwen <folder>        the Qwen3 model folder the adapter was trained on (Hugging Face layout)
+  --adapter <folder>     the adapter folder training wrote (<out>/adapter)
+  --prompts <file>       one prompt per line (UTF-8; blank lines are refused)
+  --negative <text>      negative prompt, encoded once and used for every prompt. Without it the
+                         negative tensors are zeros, as diffusers' SDXL pipeline does by default
+                         (force_zeros_for_empty_prompt)
+  --out <file>           output file (default conditioning.safetensors)
+  --format <name>        safetensors or json (default: from --out's extension)
+  --dtype <name>         f16 (default) or f32 for the safetensors tensors
+  --batch-size <n>       prompts per GPU pass (default 8)
+  -h, --help             show this help
+
+Output tensors, named as diffusers' StableDiffusionXLPipeline takes them:
+  prompt_embeds [B, 77, 2048], pooled_prompt_embeds [B, 1280],
+  negative_prompt_embeds [B, 77, 2048], negative_pooled_prompt_embeds [B, 1280],
+with metadata: adapter id, prompt mode, token counts and which prompts were truncated.
+Prompts may be up to the adapter's token limit (256 by default) after the chat template;
+longer ones are cut there, with a warning. An empty prompt "" is encoded like any other.
+
+Permissions: the 'encode' task reads any file and writes only the --out file's folder under
+the current directory; to write elsewhere run
+  deno run --allow-read --allow-write=<folder> --allow-env mod.ts encode ...`;
+
+export interface EncodeOptions {
+  qwen: string;
+  adapter: string;
+  prompts: string[];
+  negative?: string;
+  out: string;
+  format: "safetensors" | "json";
+  dtype: "f16" | "f32";
+  batchSize: number;
+}
+
+/** Reads a prompts file: one prompt per line, strict UTF-8, no blank lines. */
+export async function readPromptsFile(path: string): Promise<string[]> {
+  let bytes: Uint8Array;
+  try {
+    bytes = await Deno.readFile(path);
+  } catch (err) {
+    throw new UsageError(`--prompts ${path}: cannot read it (${(err as Error).message})`);
+  }
+  const text = decodeUtf8(bytes, (line) => `${path}:${line}`);
+  const lines = text.replace(/^\uFEFF/, "").split(/\r?\n/);
+  if (lines.at(-1) === "") lines.pop();
+  const blank = lines.flatMap((l, i) => (l.trim() === "" ? [i + 1] : []));
+  if (blank.length) {
+    throw new UsageError(
+      `${path}: line${blank.length > 1 ? "s" : ""} ${blank.slice(0, 10).join(", ")} ` +
+        `${blank.length > 1 ? "are" : "is"} blank; remove ${blank.length > 1 ? "them" : "it"} ` +
+        `(to encode an empty prompt, pass "" as an argument)`,
+    );
+  }
+  if (lines.length === 0) throw new UsageError(`${path}: no prompts in the file`);
+  return lines;
+}
+
+/** A short id of an adapter: its config and the headers and sizes of its weight files. */
+export async function adapterId(dir: string): Promise<string> {
+  const hash = createHash("sha256");
+  hash.update(await Deno.readFile(join(dir, DISTILL_CONFIG_FILE)));
+  for (const file of ["adapter_model.safetensors", RESAMPLER_WEIGHTS_FILE]) {
+    const path = join(dir, file);
+    const f = await Deno.open(path);
+    try {
+      const head = new Uint8Array(8);
+      await f.read(head);
+      const headerLength = Number(new DataView(head.buffer).getBigUint64(0, true));
+      const header = new Uint8Array(Math.min(headerLength, 1 << 24));
+      await f.read(header);
+      hash.update(header);
+      hash.update(String((await f.stat()).size));
+    } finally {
+      f.close();
+    }
+  }
+  return hash.digest("hex").slice(0, 16);
+}
+
+interface EncodedFile {
+  positive: Conditioning;
+  negative: Conditioning | null;
+  metadata: Record<string, string>;
+}
+
+function tensorsOf(e: EncodedFile) {
+  const p = e.positive;
+  const repeat = (src: Float32Array | undefined, rowSize: number) => {
+    const out = new Float32Array(p.batch * rowSize);
+    if (src) { for (let b = 0; b < p.batch; b++) out.set(src.subarray(0, rowSize), b * rowSize); }
+    return out;
+  };
+  const seqRow = p.seqLen * p.seqDim;
+  return [
+    { name: "prompt_embeds", shape: [p.batch, p.seqLen, p.seqDim], data: p.promptEmbeds },
+    { name: "pooled_prompt_embeds", shape: [p.batch, p.pooledDim], data: p.pooled },
+    {
+      name: "negative_prompt_embeds",
+      shape: [p.batch, p.seqLen, p.seqDim],
+      data: repeat(e.negative?.promptEmbeds, seqRow),
+    },
+    {
+      name: "negative_pooled_prompt_embeds",
+      shape: [p.batch, p.pooledDim],
+      data: repeat(e.negative?.pooled, p.pooledDim),
+    },
+  ];
+}
+
+/** Writes the conditioning as safetensors (F16 or F32) or as JSON, atomically. */
+export async function writeConditioning(
+  path: string,
+  encoded: EncodedFile,
+  format: "safetensors" | "json",
+  dtype: "f16" | "f32",
+): Promise<void> {
+  const tensors = tensorsOf(encoded);
+  if (format === "json") {
+    const json = {
+      format: "distill-conditioning",
+      metadata: encoded.metadata,
+      tensors: Object.fromEntries(
+        tensors.map((t) => [t.name, { shape: t.shape, data: Array.from(t.data) }]),
+      ),
+    };
+    await writeFileAtomic(path, JSON.stringify(json));
+    return;
+  }
+  await writeSafetensors(
+    path,
+    tensors.map((t) => ({
+      name: t.name,
+      shape: t.shape,
+      dtype: dtype === "f16" ? "F16" : "F32",
+      data: dtype === "f16" ? f32ArrayToF16(t.data) : t.data,
+    })),
+    encoded.metadata,
+  );
+}
+
+/** Encodes `options.prompts` (and the negative prompt) and writes the output file. */
+export async function runEncode(
+  options: EncodeOptions,
+  log: (line: string) => void = (line) => console.error(line),
+): Promise<EncodedFile> {
+  const gpu = await Gpu.create();
+  let student: Student | undefined;
+  try {
+    student = await loadStudent(gpu, options.qwen, options.adapter);
+    const positive = await encodePrompts(gpu, student, options.prompts, options.batchSize);
+    const negative = options.negative === undefined
+      ? null
+      : await encodePrompts(gpu, student, [options.negative], 1);
+    const limit = student.adapter.config.prompt.maxTokens;
+    positive.truncated.forEach((cut, i) => {
+      if (cut) {
+        log(`encode: warning: prompt ${i + 1} is longer than ${limit} tokens; cut to ${limit}`);
+      }
+    });
+    if (negative?.truncated[0]) {
+      log(`encode: warning: the negative prompt was cut to ${limit} tokens`);
+    }
+    const metadata: Record<string, string> = {
+      format: "distill-conditioning",
+      adapter_id: await adapterId(options.adapter),
+      base_model: student.adapter.config.baseModel.name,
+      prompt_mode: student.adapter.config.prompt.mode,
+      max_tokens: String(limit),
+      prompts: JSON.stringify(options.prompts),
+      token_counts: JSON.stringify(positive.tokenCounts),
+      truncated: JSON.stringify(positive.truncated),
+      negative_prompt: options.negative === undefined ? "" : options.negative,
+      negative: options.negative === undefined ? "zeros" : "encoded",
+    };
+    const encoded = { positive, negative, metadata };
+    await writeConditioning(options.out, encoded, options.format, options.dtype);
+    log(`encode: wrote ${options.prompts.length} prompt(s) to ${options.out}`);
+    return encoded;
+  } finally {
+    if (student) destroyStudent(student);
+    gpu.destroy();
+  }
+}
+
+function positiveInteger(name: string, value: string | undefined, fallback: number): number {
+  if (value === undefined) return fallback;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1) {
+    throw new UsageError(`encode: ${name} must be a positive integer`);
+  }
+  return n;
+}
+
+export const encodeCommand: Command = {
+  name: "encode",
+  summary: "turn prompts into SDXL conditioning (prompt_embeds + pooled) with a trained student",
+  async run(args) {
+    const { values, positionals } = parseCommandArgs("encode", args, {
+      qwen: { type: "string" },
+      adapter: { type: "string" },
+      prompts: { type: "string" },
+      negative: { type: "string" },
+      out: { type: "string" },
+      format: { type: "string" },
+      dtype: { type: "string" },
+      "batch-size": { type: "string" },
+    }, true);
+    if (values.help) return console.log(HELP);
+    if (!values.qwen) throw new UsageError("encode: --qwen <folder> is required");
+    if (!values.adapter) throw new UsageError("encode: --adapter <folder> is required");
+    const prompts = values.prompts ? await readPromptsFile(values.prompts) : [];
+    prompts.push(...positionals);
+    if (prompts.length === 0) {
+      throw new UsageError(
+        'encode: give a prompt ("a red cube on a blue sphere") or --prompts FILE',
+      );
+    }
+    const out = values.out ?? "conditioning.safetensors";
+    const format = values.format ??
+      (extname(out).toLowerCase() === ".json" ? "json" : "safetensors");
+    if (format !== "safetensors" && format !== "json") {
+      throw new UsageError(`encode: --format must be safetensors or json, not '${format}'`);
+    }
+    const dtype = values.dtype ?? "f16";
+    if (dtype !== "f16" && dtype !== "f32") {
+      throw new UsageError(`encode: --dtype must be f16 or f32, not '${dtype}'`);
+    }
+    await runEncode({
+      qwen: values.qwen,
+      adapter: values.adapter,
+      prompts,
+      negative: values.negative,
+      out,
+      format,
+      dtype,
+      batchSize: positiveInteger("--batch-size", values["batch-size"], 8),
+    });
+  },
+};

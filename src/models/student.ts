@@ -1,0 +1,113 @@
+/**
+ * A trained student ready to encode prompts: the NF4 Qwen3, its tokenizer, and the adapter
+ * (LoRA + resampler + prompt settings) that training wrote.
+ */
+import type { Gpu } from "../gpu/device.ts";
+import { ModelFolder } from "../io/hf.ts";
+import { loadQwenTokenizer, type QwenTokenizer } from "../text/qwen_tokenizer.ts";
+import {
+  destroyAdapter,
+  loadAdapter,
+  readDistillConfig,
+  type TrainedAdapter,
+} from "../train/adapter.ts";
+import { studentForward } from "../train/step.ts";
+import {
+  destroyQwen3Weights,
+  loadQwen3Weights,
+  qwen3Config,
+  type Qwen3Weights,
+} from "./qwen3_weights.ts";
+
+export interface Student {
+  qwen: Qwen3Weights;
+  adapter: TrainedAdapter;
+  tokenizer: QwenTokenizer;
+}
+
+export interface LoadStudentOptions {
+  /** Called as each base-model tensor reaches the GPU. */
+  onTensor?: (name: string, done: number, total: number) => void;
+}
+
+/** Loads a Qwen3 folder (quantized to NF4 as it streams in) and a trained adapter folder. */
+export async function loadStudent(
+  gpu: Gpu,
+  qwenDir: string,
+  adapterDir: string,
+  options: LoadStudentOptions = {},
+): Promise<Student> {
+  const folder = await ModelFolder.open(qwenDir);
+  try {
+    const tokenizer = await loadQwenTokenizer(qwenDir);
+    // Checking the adapter against the config first fails fast, before gigabytes are read.
+    await readDistillConfig(adapterDir, qwen3Config(folder));
+    const qwen = await loadQwen3Weights(gpu, folder, { onTensor: options.onTensor });
+    const adapter = await loadAdapter(gpu, adapterDir, qwen.config);
+    return { qwen, adapter, tokenizer };
+  } finally {
+    folder.close();
+  }
+}
+
+export function destroyStudent(student: Student): void {
+  destroyQwen3Weights(student.qwen);
+  destroyAdapter(student.adapter);
+}
+
+/** SDXL conditioning for a batch of prompts, as diffusers' pipeline takes it. */
+export interface Conditioning {
+  /** [batch, 77, 2048] */
+  promptEmbeds: Float32Array;
+  /** [batch, 1280] */
+  pooled: Float32Array;
+  batch: number;
+  seqLen: number;
+  seqDim: number;
+  pooledDim: number;
+  /** Student tokens per prompt (after the template) and whether it was cut to the limit. */
+  tokenCounts: number[];
+  truncated: boolean[];
+}
+
+/**
+ * Encodes prompts with the student: tokens (in the adapter's prompt mode and limit) ->
+ * NF4 Qwen3 + LoRA -> resampler. Processes `batchSize` prompts per GPU pass.
+ */
+export async function encodePrompts(
+  gpu: Gpu,
+  student: Student,
+  prompts: readonly string[],
+  batchSize = 8,
+): Promise<Conditioning> {
+  const { resampler, lora, config } = student.adapter;
+  const c = resampler.config;
+  const n = prompts.length;
+  const out: Conditioning = {
+    promptEmbeds: new Float32Array(n * c.numQueries * c.dimSeq),
+    pooled: new Float32Array(n * c.dimPooled),
+    batch: n,
+    seqLen: c.numQueries,
+    seqDim: c.dimSeq,
+    pooledDim: c.dimPooled,
+    tokenCounts: [],
+    truncated: [],
+  };
+  for (let start = 0; start < n; start += batchSize) {
+    const chunk = prompts.slice(start, start + batchSize);
+    const enc = student.tokenizer.encodeBatch(chunk, {
+      mode: config.prompt.mode,
+      maxTokens: config.prompt.maxTokens,
+    });
+    const tokens = { ids: enc.ids, lengths: enc.lengths, batch: chunk.length, seqLen: enc.T };
+    const { seq, pooled } = studentForward(gpu, { qwen: student.qwen, lora, resampler }, tokens);
+    const [s, p] = (await gpu.readAll([seq, pooled])) as Float32Array[];
+    seq.destroy();
+    pooled.destroy();
+    out.promptEmbeds.set(s, start * c.numQueries * c.dimSeq);
+    out.pooled.set(p, start * c.dimPooled);
+    out.tokenCounts.push(...enc.lengths);
+    out.truncated.push(...enc.truncated);
+  }
+  return out;
+}
