@@ -1,0 +1,86 @@
+/**
+ * What the real-scale scripts (scripts/*_scale.ts) share: peak memory measurements and the
+ * bench JSON file they append their result entries to.
+ */
+import { dirname } from "node:path";
+import type { Gpu } from "../gpu/device.ts";
+import { writeFileAtomic } from "../io/atomic.ts";
+
+/** Bytes of a `/proc/self/status` line (VmHWM: peak RSS; VmRSS: RSS), when the system has one. */
+export async function procStatusBytes(key: "VmHWM" | "VmRSS"): Promise<number | undefined> {
+  try {
+    const status = await Deno.readTextFile("/proc/self/status");
+    const match = new RegExp(`^${key}:\\s+(\\d+) kB`, "m").exec(status);
+    return match ? Number(match[1]) * 1024 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * High-water marks of host RSS (`Deno.memoryUsage().rss`) and of the GPU buffer pool, sampled
+ * on a timer and whenever `sample()` is called. The timer only fires while the event loop is
+ * free, so callers also sample between long synchronous pieces of work.
+ */
+export class PeakMemory {
+  readonly #gpu: Gpu;
+  readonly #timer: ReturnType<typeof setInterval>;
+  rss = 0;
+  /** Bytes of live tensors. */
+  gpuLive = 0;
+  /** Bytes of live tensors plus freed buffers the pool keeps for reuse. */
+  gpuPool = 0;
+
+  constructor(gpu: Gpu, intervalMs = 100) {
+    this.#gpu = gpu;
+    this.sample();
+    this.#timer = setInterval(() => this.sample(), intervalMs);
+  }
+
+  sample(): void {
+    const { liveBytes, pooledBytes } = this.#gpu.stats;
+    this.rss = Math.max(this.rss, Deno.memoryUsage().rss);
+    this.gpuLive = Math.max(this.gpuLive, liveBytes);
+    this.gpuPool = Math.max(this.gpuPool, liveBytes + pooledBytes);
+  }
+
+  /** Clears the marks, e.g. between the phases of a run. */
+  reset(): void {
+    this.rss = this.gpuLive = this.gpuPool = 0;
+    this.sample();
+  }
+
+  stop(): void {
+    clearInterval(this.#timer);
+  }
+}
+
+/** The adapter's name as the scale entries record it. */
+export function adapterName(gpu: Gpu): string {
+  const info = gpu.adapterInfo;
+  return [info.vendor, info.architecture, info.device, info.description]
+    .filter(Boolean).join(" ");
+}
+
+/**
+ * Appends `entry` to the bench file `path`, atomically: a JSON array of entries (created when
+ * the file is missing), or the report `deno task bench --json` writes, whose `results` get it.
+ */
+export async function appendBenchEntry(path: string, entry: { name: string }): Promise<void> {
+  let data: unknown = [];
+  try {
+    data = JSON.parse(await Deno.readTextFile(path));
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) throw error;
+  }
+  const results = Array.isArray(data) ? data : (data as { results?: unknown } | null)?.results;
+  if (!Array.isArray(results)) {
+    throw new Error(
+      `${path} is neither a JSON array of bench entries nor a bench report with "results"; ` +
+        "pass another --json file",
+    );
+  }
+  results.push(entry);
+  await Deno.mkdir(dirname(path) || ".", { recursive: true });
+  await writeFileAtomic(path, JSON.stringify(data, null, 2) + "\n");
+}

@@ -1,0 +1,200 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { encodeCommand, readPromptsFile, runEncode } from "../../src/cli/encode.ts";
+import { SafetensorsFile } from "../../src/io/safetensors.ts";
+import { DEFAULT_LORA_CONFIG, initLora } from "../../src/models/lora.ts";
+import { writeRandomQwen3 } from "../../src/models/random_qwen3.ts";
+import { ModelFolder } from "../../src/io/hf.ts";
+import { qwen3Config, qwen3LinearShapes } from "../../src/models/qwen3_weights.ts";
+import { initResampler, RESAMPLER_DEFAULTS } from "../../src/models/resampler.ts";
+import { readQwenPackageFiles } from "../../src/text/qwen_tokenizer.ts";
+import { baseModelRecord, saveAdapter } from "../../src/train/adapter.ts";
+import { Rng } from "../../src/train/rng.ts";
+import { testGpu } from "../helpers.ts";
+
+const SIZES = {
+  hiddenSize: 32,
+  numLayers: 2,
+  numHeads: 4,
+  numKvHeads: 2,
+  headDim: 8,
+  intermediateSize: 48,
+  vocabSize: 151936,
+};
+
+/** A tiny random Qwen3 with the real tokenizer, and an untrained adapter for it. */
+async function tinyStudent(root: string, hiddenSize = SIZES.hiddenSize) {
+  const gpu = await testGpu();
+  const qwen = join(root, `qwen-${hiddenSize}`);
+  await writeRandomQwen3(qwen, { ...SIZES, hiddenSize }, {
+    seed: 1,
+    tokenizer: await readQwenPackageFiles(),
+  });
+  const folder = await ModelFolder.open(qwen);
+  const config = qwen3Config(folder);
+  folder.close();
+  const rng = new Rng(2);
+  const lora = initLora(gpu, qwen3LinearShapes(config), config.numLayers, {
+    ...DEFAULT_LORA_CONFIG,
+    r: 4,
+  }, rng);
+  const resampler = initResampler(gpu, {
+    ...RESAMPLER_DEFAULTS,
+    dimIn: hiddenSize,
+    dim: 32,
+    depth: 1,
+    heads: 2,
+    dimHead: 16,
+    ffMult: 2,
+  }, rng);
+  const adapter = join(root, `adapter-${hiddenSize}`);
+  await saveAdapter(gpu, adapter, {
+    config: {
+      format: "distill-adapter",
+      version: 1,
+      prompt: { mode: "chat", maxTokens: 24 },
+      baseModel: baseModelRecord("tiny-random-qwen3", config),
+      teacher: {},
+    },
+    lora,
+    resampler,
+  });
+  return { qwen, adapter };
+}
+
+const root = await Deno.makeTempDir({ prefix: "distill-encode-" });
+const student = await tinyStudent(root);
+
+Deno.test("encode writes the four diffusers tensors at SDXL shapes, F16, with metadata", async () => {
+  const out = join(root, "cond.safetensors");
+  const lines: string[] = [];
+  await runEncode({
+    qwen: student.qwen,
+    adapter: student.adapter,
+    prompts: ["a red cube on top of a blue sphere", "", "x ".repeat(100)],
+    out,
+    format: "safetensors",
+    dtype: "f16",
+    batchSize: 2,
+  }, (l) => lines.push(l));
+  const file = await SafetensorsFile.open(out);
+  assert.deepEqual(file.info("prompt_embeds").shape, [3, 77, 2048]);
+  assert.deepEqual(file.info("pooled_prompt_embeds").shape, [3, 1280]);
+  assert.deepEqual(file.info("negative_prompt_embeds").shape, [3, 77, 2048]);
+  assert.deepEqual(file.info("negative_pooled_prompt_embeds").shape, [3, 1280]);
+  assert.equal(file.info("prompt_embeds").dtype, "F16");
+  const negative = await file.readF32("negative_prompt_embeds");
+  assert.ok(negative.every((v) => v === 0), "no negative prompt gives zeros");
+  const embeds = await file.readF32("prompt_embeds");
+  assert.ok(embeds.every(Number.isFinite) && embeds.some((v) => v !== 0));
+  const meta = file.metadata;
+  assert.equal(meta.prompt_mode, "chat");
+  assert.deepEqual(JSON.parse(meta.truncated), [false, false, true]);
+  assert.equal(JSON.parse(meta.token_counts)[2], 24);
+  assert.match(meta.adapter_id, /^[0-9a-f]{16}$/);
+  assert.ok(lines.some((l) => /prompt 3 is longer than 24 tokens/.test(l)));
+  file.close();
+});
+
+Deno.test("encode: batching does not change results; a negative prompt is encoded; json output", async () => {
+  const one = await runEncode({
+    qwen: student.qwen,
+    adapter: student.adapter,
+    prompts: ["a cat", "two dogs left of a tree"],
+    negative: "blurry",
+    out: join(root, "b1.json"),
+    format: "json",
+    dtype: "f32",
+    batchSize: 1,
+  }, () => {});
+  const two = await runEncode({
+    qwen: student.qwen,
+    adapter: student.adapter,
+    prompts: ["a cat", "two dogs left of a tree"],
+    out: join(root, "b2.safetensors"),
+    format: "safetensors",
+    dtype: "f32",
+    batchSize: 2,
+  }, () => {});
+  let worst = 0;
+  one.positive.promptEmbeds.forEach((v, i) => {
+    worst = Math.max(worst, Math.abs(v - two.positive.promptEmbeds[i]));
+  });
+  assert.ok(worst < 1e-4, `padding changed the result by ${worst}`);
+  assert.ok(one.negative!.promptEmbeds.some((v) => v !== 0));
+  const json = JSON.parse(await Deno.readTextFile(join(root, "b1.json")));
+  assert.deepEqual(json.tensors.negative_pooled_prompt_embeds.shape, [2, 1280]);
+  assert.equal(json.metadata.negative_prompt, "blurry");
+});
+
+Deno.test("encode refuses an adapter made for another base model, naming both sizes", async () => {
+  const other = await tinyStudent(root, 48);
+  await assert.rejects(
+    runEncode({
+      qwen: student.qwen,
+      adapter: other.adapter,
+      prompts: ["a cat"],
+      out: join(root, "x.safetensors"),
+      format: "safetensors",
+      dtype: "f16",
+      batchSize: 1,
+    }, () => {}),
+    /trained on another base model.*hiddenSize 48 \(adapter\) vs 32 \(student\)/,
+  );
+});
+
+Deno.test("encode: missing adapter files are named", async () => {
+  const empty = await Deno.makeTempDir({ dir: root });
+  await assert.rejects(
+    runEncode({
+      qwen: student.qwen,
+      adapter: empty,
+      prompts: ["a cat"],
+      out: join(root, "y.safetensors"),
+      format: "safetensors",
+      dtype: "f16",
+      batchSize: 1,
+    }, () => {}),
+    /distill_config\.json not found: an adapter folder/,
+  );
+  await Deno.copyFile(
+    join(student.adapter, "distill_config.json"),
+    join(empty, "distill_config.json"),
+  );
+  await assert.rejects(
+    runEncode({
+      qwen: student.qwen,
+      adapter: empty,
+      prompts: ["a cat"],
+      out: join(root, "y.safetensors"),
+      format: "safetensors",
+      dtype: "f16",
+      batchSize: 1,
+    }, () => {}),
+    /adapter_config\.json not found/,
+  );
+});
+
+Deno.test("prompts files: blank lines and invalid UTF-8 are refused with the line", async () => {
+  const good = join(root, "good.txt");
+  await Deno.writeTextFile(good, "a cat\r\ntwo dogs\n");
+  assert.deepEqual(await readPromptsFile(good), ["a cat", "two dogs"]);
+  const blank = join(root, "blank.txt");
+  await Deno.writeTextFile(blank, "a cat\n\ntwo dogs\n  \n");
+  await assert.rejects(readPromptsFile(blank), /blank\.txt: lines 2, 4 are blank; remove them/);
+  const bad = join(root, "bad.txt");
+  await Deno.writeFile(bad, new Uint8Array([0x61, 0x0a, 0x62, 0xff, 0x0a]));
+  await assert.rejects(readPromptsFile(bad), /bad\.txt:2: not valid UTF-8/);
+});
+
+Deno.test("encode command: usage errors", async () => {
+  await assert.rejects(encodeCommand.run(["a cat"]), /--qwen <folder> is required/);
+  await assert.rejects(
+    encodeCommand.run(["--qwen", student.qwen, "--adapter", student.adapter]),
+    /give a prompt/,
+  );
+  await assert.rejects(
+    encodeCommand.run(["--qwen", "q", "--adapter", "a", "--format", "npz", "x"]),
+    /--format must be safetensors or json/,
+  );
+});

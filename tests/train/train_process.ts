@@ -1,0 +1,18 @@
+/**
+ * Runs `train` in its own process for the kill-and-resume test: the options come as JSON in
+ * the first argument. After every step it blocks for the milliseconds of the second argument,
+ * so the parent can SIGKILL it part-way through a run, between or inside steps.
+ */
+import { train, type TrainOptions } from "../../src/train/trainer.ts";
+
+const options = JSON.parse(Deno.args[0]) as TrainOptions;
+const blockMs = Number(Deno.args[1] ?? 0);
+await train(options, {
+  log: () => {},
+  onProgress() {
+    const until = performance.now() + blockMs;
+    while (performance.now() < until) {
+      // A blocking wait: the kill must be able to land at any point, not only at an await.
+    }
+  },
+});
