@@ -3,13 +3,13 @@
 // centred sum of squares, so a large mean does not cancel the variance.
 // The *_stats entries also store per-row mean / rstd for the backward pass.
 //
-// Backward (norm_backward, norm_param_grad_partial, column_sum), with xhat the normalised
-// row (centred for LayerNorm), g = dy * weight and everything per row:
+// Backward (norm_backward, norm_weight_grad_partial), with xhat the normalised row (centred
+// for LayerNorm), g = dy * weight and everything per row:
 //   dx      = rstd * (g - mean(g) - xhat * mean(g * xhat))    (RMSNorm: no mean(g) term)
-//   dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy.
-// The parameter gradients are summed without atomics, so they are bitwise reproducible:
-// each invocation owns one column of one chunk of rows and writes its partial sum, then
-// column_sum adds the chunks in order.
+//   dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy (columnSum of dy).
+// dweight is summed without atomics, so it is bitwise reproducible: each invocation owns one
+// column of one chunk of rows and writes its partial sum, then reduce.wgsl's column_sum adds
+// the chunks in order.
 
 struct Params {
   rows: u32,
@@ -18,9 +18,6 @@ struct Params {
   // Backward only from here on.
   flags: u32,
   chunk_rows: u32,
-  // column_sum: partial holds [rows (= chunks), stride] and column j is at offset + j.
-  stride: u32,
-  offset: u32,
 }
 
 // Centred with a bias (LayerNorm); otherwise RMSNorm, and saved_mean is never read.
@@ -40,9 +37,8 @@ const COLUMN_WG: u32 = 64u;
 @group(0) @binding(8) var<storage, read> saved_mean: array<f32>;
 @group(0) @binding(9) var<storage, read> saved_rstd: array<f32>;
 @group(0) @binding(10) var<storage, read_write> dx: array<f32>;
-// [chunks, stride]: per chunk of rows, the partial dweight (then dbias) of every column.
+// [chunks, d]: per chunk of rows, the partial dweight of every column.
 @group(0) @binding(11) var<storage, read_write> partial: array<f32>;
-@group(0) @binding(12) var<storage, read_write> column_sum_out: array<f32>;
 
 // Returns (mean, rstd) of the row after writing y = (x - mean) * rstd * w + b.
 fn layer_norm_row(row: u32, lid: u32) -> vec2f {
@@ -160,9 +156,9 @@ fn norm_backward(
   }
 }
 
-// Invocation (column j, chunk) sums dy * xhat (and dy for LayerNorm) over the chunk's rows.
+// Invocation (column j, chunk) sums dy * xhat over the chunk's rows.
 @compute @workgroup_size(COLUMN_WG)
-fn norm_param_grad_partial(@builtin(global_invocation_id) gid: vec3u) {
+fn norm_weight_grad_partial(@builtin(global_invocation_id) gid: vec3u) {
   let j = gid.x;
   let chunk = gid.y;
   if (j >= p.d) { return; }
@@ -170,24 +166,10 @@ fn norm_param_grad_partial(@builtin(global_invocation_id) gid: vec3u) {
   let first = chunk * p.chunk_rows;
   let end = min(first + p.chunk_rows, p.rows);
   var dw = 0.0;
-  var db = 0.0;
   for (var r = first; r < end; r++) {
-    let g = dy[r * p.d + j];
     var m = 0.0;
     if (centred) { m = saved_mean[r]; }
-    dw += g * ((x[r * p.d + j] - m) * saved_rstd[r]);
-    db += g;
+    dw += dy[r * p.d + j] * ((x[r * p.d + j] - m) * saved_rstd[r]);
   }
-  partial[chunk * p.stride + j] = dw;
-  if (centred) { partial[chunk * p.stride + p.d + j] = db; }
-}
-
-// column_sum_out[j] = sum over the chunks c, in order, of partial[c * stride + offset + j].
-@compute @workgroup_size(COLUMN_WG)
-fn column_sum(@builtin(global_invocation_id) gid: vec3u) {
-  let j = gid.x;
-  if (j >= p.d) { return; }
-  var total = 0.0;
-  for (var c = 0u; c < p.rows; c++) { total += partial[c * p.stride + p.offset + j]; }
-  column_sum_out[j] = total;
+  partial[chunk * p.d + j] = dw;
 }

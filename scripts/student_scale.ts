@@ -17,12 +17,8 @@
  */
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import {
-  adapterName,
-  appendBenchEntry,
-  PeakMemory,
-  procStatusBytes,
-} from "../src/bench/scale_report.ts";
+import { appendBenchEntry, maxRssBytes, PeakMemory } from "../src/bench/scale_report.ts";
+import { adapterReport } from "../src/cli/info.ts";
 import { Gpu } from "../src/gpu/device.ts";
 import { ModelFolder } from "../src/io/hf.ts";
 import { qwen3Forward } from "../src/models/qwen3.ts";
@@ -85,8 +81,8 @@ export interface StudentScaleResult {
   peakRssForwardBytes: number;
   peakGpuLiveForwardBytes: number;
   peakGpuPoolBytes: number;
-  /** /proc/self/status VmHWM at the end (Linux only): the true peak RSS. */
-  vmHwmBytes?: number;
+  /** The process's true peak RSS at the end (ru_maxrss, VmHWM). */
+  maxRssBytes: number;
 }
 
 async function measure(dir: string, tokens: number): Promise<StudentScaleResult> {
@@ -135,7 +131,7 @@ async function measure(dir: string, tokens: number): Promise<StudentScaleResult>
     return {
       name: "student_scale",
       date: new Date().toISOString(),
-      adapter: adapterName(gpu),
+      adapter: adapterReport(gpu).description,
       sizes: QWEN3_4B_SIZES,
       loadSeconds,
       tokens,
@@ -149,7 +145,7 @@ async function measure(dir: string, tokens: number): Promise<StudentScaleResult>
       peakRssForwardBytes: peak.rss,
       peakGpuLiveForwardBytes: peak.gpuLive,
       peakGpuPoolBytes: peak.gpuPool,
-      vmHwmBytes: await procStatusBytes("VmHWM"),
+      maxRssBytes: maxRssBytes(),
     };
   } finally {
     peak.stop();
@@ -205,8 +201,8 @@ async function main(): Promise<void> {
   console.log(
     `student_scale: write ${writeSeconds?.toFixed(1) ?? "(reused)"} s, load ` +
       `${result.loadSeconds.toFixed(1)} s, weights ${mib(result.weightGpuBytes)} on the GPU, ` +
-      `peak RSS while loading ${mib(result.peakRssLoadBytes)} (VmHWM ${
-        mib(result.vmHwmBytes ?? 0)
+      `peak RSS while loading ${mib(result.peakRssLoadBytes)} (process peak ${
+        mib(result.maxRssBytes)
       }), forward of ${tokens} tokens ${result.forwardSeconds.toFixed(2)} s (cold ` +
       `${result.forwardSecondsCold.toFixed(2)} s), ${result.tokensPerSecond.toFixed(1)} ` +
       `tokens/s on ${result.adapter}`,

@@ -64,3 +64,33 @@ export function assertMaxAbs(
   }
   assert.ok(worst <= tol, `${what}: max |diff| ${worst} at ${at} over ${tol}`);
 }
+
+/** Runs `run` in a new temp folder, removed afterwards whatever happens. */
+export async function withTempDir(run: (dir: string) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "distill-test-" });
+  try {
+    await run(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** Asserts that `run` rejects with a `type` error whose message contains every part. */
+export async function rejectsAs(
+  run: () => Promise<unknown>,
+  type: new (...args: never[]) => Error,
+  ...parts: string[]
+): Promise<void> {
+  await assert.rejects(run, (error: Error) => {
+    assert.ok(error instanceof type, `${error.name}: ${error.message}`);
+    for (const part of parts) {
+      assert.ok(error.message.includes(part), `"${part}" not in: ${error.message}`);
+    }
+    return true;
+  });
+}
+
+/** Asserts that `run` rejects with an error whose message contains every part. */
+export function rejectsWith(run: () => Promise<unknown>, ...parts: string[]): Promise<void> {
+  return rejectsAs(run, Error, ...parts);
+}

@@ -1,7 +1,9 @@
 /** Matmul throughput: square f32 products and the Linear shapes the models run. */
 import type { Gpu } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";
+import { f32ArrayToBf16, f32ArrayToF16 } from "../io/dtype.ts";
 import { matmul, type MatmulWeightType } from "../ops/matmul.ts";
+import { Rng } from "../train/rng.ts";
 import { type Bench, type BenchResult, timeGpu } from "./harness.ts";
 
 const SQUARE_SIZES = [256, 512, 1000, 1024, 2048];
@@ -14,32 +16,18 @@ const MODEL_SHAPES: ReadonlyArray<{ m: number; k: number; n: number; model: stri
 
 const WEIGHT_TYPES: readonly MatmulWeightType[] = ["f32", "f16", "bf16"];
 
-/** Deterministic values in [-0.5, 0.5) (a linear congruential sequence). */
-function filledF32(n: number, seed: number): Float32Array {
-  const out = new Float32Array(n);
-  let s = seed >>> 0;
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    out[i] = s / 2 ** 32 - 0.5;
-  }
-  return out;
-}
-
-/** 16-bit weights as bit patterns of values in roughly [-1, 1] (sign, small exponent range). */
-function filled16(n: number, type: "f16" | "bf16", seed: number): Uint16Array {
-  const out = new Uint16Array(n);
-  // f16 0x3000..0x3bff and bf16 0x3e00..0x3f7f are 0.125 .. 1.
-  const [base, span] = type === "f16" ? [0x3000, 0x0c00] : [0x3e00, 0x0180];
-  let s = seed >>> 0;
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    out[i] = (base + (s >>> 8) % span) | (s & 0x8000);
-  }
-  return out;
+/** Seeded values in [-0.5, 0.5): the bench times the products, the values only must be finite. */
+function uniformValues(n: number, seed: number): Float32Array {
+  return new Rng(seed).fillUniform(new Float32Array(n), -0.5, 0.5);
 }
 
 function uploadWeight(gpu: Gpu, type: MatmulWeightType, n: number, k: number): Tensor {
-  const data = type === "f32" ? filledF32(n * k, 2) : filled16(n * k, type, 2);
+  const values = uniformValues(n * k, 2);
+  const data = type === "f32"
+    ? values
+    : type === "f16"
+    ? f32ArrayToF16(values)
+    : f32ArrayToBf16(values);
   return gpu.upload(data, [n, k], type, `bench.w.${type}`);
 }
 
@@ -52,7 +40,7 @@ async function timeCase(
   extra: Record<string, unknown>,
   baselineGflops: number,
 ): Promise<BenchResult> {
-  const x = gpu.upload(filledF32(m * k, 1), [m, k], "f32", "bench.x");
+  const x = gpu.upload(uniformValues(m * k, 1), [m, k], "f32", "bench.x");
   const w = uploadWeight(gpu, type, n, k);
   const y = gpu.empty([m, n], "f32", "bench.y");
   const flops = 2 * m * n * k;

@@ -3,18 +3,16 @@
  * bench JSON file they append their result entries to.
  */
 import { dirname } from "node:path";
+import process from "node:process";
 import type { Gpu } from "../gpu/device.ts";
 import { writeFileAtomic } from "../io/atomic.ts";
 
-/** Bytes of a `/proc/self/status` line (VmHWM: peak RSS; VmRSS: RSS), when the system has one. */
-export async function procStatusBytes(key: "VmHWM" | "VmRSS"): Promise<number | undefined> {
-  try {
-    const status = await Deno.readTextFile("/proc/self/status");
-    const match = new RegExp(`^${key}:\\s+(\\d+) kB`, "m").exec(status);
-    return match ? Number(match[1]) * 1024 : undefined;
-  } catch {
-    return undefined;
-  }
+/**
+ * The process's peak RSS so far (getrusage's ru_maxrss, VmHWM on Linux). Read through
+ * node:process because Deno refuses /proc/self/status without --allow-all.
+ */
+export function maxRssBytes(): number {
+  return process.resourceUsage().maxRSS * 1024;
 }
 
 /**
@@ -53,13 +51,6 @@ export class PeakMemory {
   stop(): void {
     clearInterval(this.#timer);
   }
-}
-
-/** The adapter's name as the scale entries record it. */
-export function adapterName(gpu: Gpu): string {
-  const info = gpu.adapterInfo;
-  return [info.vendor, info.architecture, info.device, info.description]
-    .filter(Boolean).join(" ");
 }
 
 /**

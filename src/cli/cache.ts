@@ -18,9 +18,15 @@ import {
   verifyCache,
 } from "../data/target_cache.ts";
 import { type Command, parseCommandArgs, UsageError } from "./args.ts";
+import {
+  explainPermission,
+  formatDuration,
+  progressThrottle,
+  type ScopedTask,
+} from "./progress.ts";
 
 const DEFAULT_BATCH_SIZE = 8;
-const PROGRESS_INTERVAL_MS = 2000;
+const CACHE_TASK: ScopedTask = { name: "cache", writeFolder: "cache", allowEnv: "--allow-env" };
 
 const HELP = `distill cache: compute the SDXL teacher's targets (prompt_embeds [77, 2048] and
 pooled [1280], stored as F16) for every caption of a data set, into a cache that training reads.
@@ -83,14 +89,6 @@ export interface CacheOptions {
 /** A teacher, or a function loading one, called only once the captions were read (fail fast). */
 export type TeacherSource = Teacher | (() => Promise<Teacher>);
 
-function formatDuration(seconds: number): string {
-  if (!Number.isFinite(seconds)) return "-";
-  const s = Math.round(seconds);
-  if (s < 60) return `${s}s`;
-  if (s < 3600) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}s`;
-  return `${Math.floor(s / 3600)}h${String(Math.floor(s / 60) % 60).padStart(2, "0")}m`;
-}
-
 /** One progress line: rows done of total, shards, rate of this run and the time left. */
 export function progressLine(progress: CacheProgress, elapsedSeconds: number): string {
   const { rowsDone, rowsTotal, rowsComputed, shardsDone, shardsTotal } = progress;
@@ -124,7 +122,7 @@ export async function runCache(
   log(`cache: ${rows.length} captions${limited} from ${options.data} (${set.format})`);
 
   const start = performance.now();
-  let lastLine = -Infinity;
+  const due = progressThrottle();
   let latest: CacheProgress | undefined;
   const manifest = await buildTargetCache({
     dir: options.out,
@@ -143,10 +141,7 @@ export async function runCache(
     worker: options.worker,
     onProgress(progress) {
       latest = progress;
-      const now = performance.now();
-      if (now - lastLine < PROGRESS_INTERVAL_MS) return;
-      lastLine = now;
-      log(progressLine(progress, (now - start) / 1000));
+      if (due()) log(progressLine(progress, (performance.now() - start) / 1000));
     },
     log: (line) => log(`cache: ${line}`),
   });
@@ -232,18 +227,6 @@ function oneOf<T extends string>(flag: string, value: string | undefined, choice
   throw new UsageError(`cache: ${flag} ${JSON.stringify(value)}: expected ${choices.join(", ")}`);
 }
 
-/** Adds the fix to a denied file access: the task's permissions are scoped to ./cache. */
-function explainPermission(error: unknown): unknown {
-  if (!(error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied)) {
-    return error;
-  }
-  return new Error(
-    `${(error as Error).message}. The 'cache' task may write only under ./cache. Fix: use ` +
-      `--out cache/<name>, or run deno run --allow-read --allow-write=<out> --allow-env ` +
-      `scripts/cache.ts ... (see --help)`,
-  );
-}
-
 const OPTIONS = {
   data: { type: "string" },
   format: { type: "string" },
@@ -302,7 +285,7 @@ export function makeCacheCommand(
           }
           return;
         } catch (error) {
-          throw explainPermission(error);
+          throw explainPermission(error, CACHE_TASK);
         }
       }
       if (!values.data) throw new UsageError("cache: --data <path> is required");
@@ -324,7 +307,7 @@ export function makeCacheCommand(
       try {
         await runCache(options, async () => (opened = await openTeacher(sdxl)).teacher);
       } catch (error) {
-        throw explainPermission(error);
+        throw explainPermission(error, CACHE_TASK);
       } finally {
         opened?.close();
       }

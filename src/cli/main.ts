@@ -1,10 +1,11 @@
 import { type Command, UsageError } from "./args.ts";
 import { cacheCommand } from "./cache.ts";
+import { demoCommand } from "./demo.ts";
 import { encodeCommand } from "./encode.ts";
 import { infoCommand } from "./info.ts";
 import { trainCommand } from "./train.ts";
 
-const COMMANDS: Command[] = [infoCommand, cacheCommand, trainCommand, encodeCommand];
+const COMMANDS: Command[] = [infoCommand, cacheCommand, trainCommand, encodeCommand, demoCommand];
 
 function usage(): string {
   const lines = COMMANDS.map((c) => `  ${c.name.padEnd(10)} ${c.summary}`);

@@ -24,10 +24,21 @@ import {
   type TrainProgress,
 } from "../train/trainer.ts";
 import { type Command, parseCommandArgs, UsageError } from "./args.ts";
+import {
+  explainPermission,
+  formatDuration,
+  progressThrottle,
+  type ScopedTask,
+} from "./progress.ts";
 
-const PROGRESS_INTERVAL_MS = 2000;
+const TRAIN_TASK: ScopedTask = {
+  name: "train",
+  writeFolder: "runs",
+  allowEnv: "--allow-env=DISTILL_DEBUG,DENO_WEBGPU_BACKEND",
+};
 
-const HELP = `distill train: distil SDXL's text encoders into a 4-bit Qwen3 student: LoRA on the
+export const TRAIN_HELP =
+  `distill train: distil SDXL's text encoders into a 4-bit Qwen3 student: LoRA on the
 NF4 Qwen3 plus a Perceiver Resampler, trained on a target cache (deno task cache).
 
 Usage: deno task train --cache <folder> --qwen <folder> --out <folder> [options]
@@ -41,8 +52,8 @@ Data and model:
   --held-out <fraction>       share of captions held out for evaluation, chosen by caption
                               hash (default ${DEFAULT_HELD_OUT_FRACTION}; 0: no evaluation)
   --prompt-mode <mode>        ${
-  QWEN_PROMPT_MODES.join(" or ")
-}: wrap each caption in the chat template, or
+    QWEN_PROMPT_MODES.join(" or ")
+  }: wrap each caption in the chat template, or
                               not (default chat; saved with the adapter)
   --max-tokens <n>            cut prompts to n tokens (default ${QWEN_DEFAULT_MAX_TOKENS}; saved with the adapter)
 
@@ -88,15 +99,17 @@ Evaluation, checkpoints, memory:
   --gradient-checkpointing    recompute each decoder layer's activations in the backward pass
   --no-gradient-checkpointing keep them (default: on for models with more than
                               ${
-  CHECKPOINTING_MIN_LAYERS - 1
-} layers; saves memory, costs one more forward pass)
+    CHECKPOINTING_MIN_LAYERS - 1
+  } layers; saves memory, costs one more forward pass)
   --resume                    continue from <out>/checkpoints/latest.json with the same options
                               (starts from step 0 when there is no checkpoint yet)
   -h, --help                  show this help
 
 A resumed run takes exactly the steps the uninterrupted run would have taken (same data
 order, dropout and arithmetic), so kill it at any time (Ctrl-C, SIGKILL, power loss) and run
-the same command with --resume. Resuming with another cache or other settings is refused.
+the same command with --resume. Resuming with another cache, or with settings that change the
+trajectory (batch, learning rates, seed, LoRA, resampler, prompt...), is refused; evaluation and
+checkpoint options may change.
 
 Example (Qwen3-4B):
   deno task train --cache cache/sdxl-coco --qwen models/Qwen3-4B --out runs/qwen3-4b-coco \\
@@ -108,7 +121,7 @@ To write elsewhere, widen the write permission to that folder alone:
   deno run --allow-read --allow-write=<out> --allow-env=DISTILL_DEBUG,DENO_WEBGPU_BACKEND \\
     scripts/train.ts --out <out> ...`;
 
-const OPTIONS = {
+export const TRAIN_OPTIONS = {
   cache: { type: "string" },
   qwen: { type: "string" },
   out: { type: "string" },
@@ -162,14 +175,6 @@ function number(flag: string, value: string | undefined): number | undefined {
   return n;
 }
 
-function formatDuration(seconds: number): string {
-  if (!Number.isFinite(seconds)) return "-";
-  const s = Math.round(seconds);
-  if (s < 60) return `${s}s`;
-  if (s < 3600) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}s`;
-  return `${Math.floor(s / 3600)}h${String(Math.floor(s / 60) % 60).padStart(2, "0")}m`;
-}
-
 /** One progress line: step of total, loss, throughput and the time left. */
 export function trainProgressLine(p: TrainProgress): string {
   const percent = (100 * p.step / p.totalSteps).toFixed(1);
@@ -181,7 +186,7 @@ export function trainProgressLine(p: TrainProgress): string {
 
 /** The command line as `train` options; usage errors name the flag. */
 export function parseTrainArgs(args: string[]): TrainOptions | undefined {
-  const { values: v } = parseCommandArgs("train", args, OPTIONS);
+  const { values: v } = parseCommandArgs("train", args, TRAIN_OPTIONS);
   if (v.help) return undefined;
   for (const flag of ["cache", "qwen", "out"] as const) {
     if (!v[flag]) throw new UsageError(`train: --${flag} <folder> is required`);
@@ -249,36 +254,22 @@ export function parseTrainArgs(args: string[]): TrainOptions | undefined {
   };
 }
 
-/** Adds the fix to a denied file access: the task's permissions are scoped to ./runs. */
-function explainPermission(error: unknown): unknown {
-  if (!(error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied)) {
-    return error;
-  }
-  return new Error(
-    `${(error as Error).message}. The 'train' task may write only under ./runs. Fix: use ` +
-      `--out runs/<name>, or run deno run --allow-read --allow-write=<out> ` +
-      `--allow-env=DISTILL_DEBUG,DENO_WEBGPU_BACKEND scripts/train.ts ... (see --help)`,
-  );
-}
-
 export const trainCommand: Command = {
   name: "train",
   summary: "train the student (LoRA + resampler) on a target cache (resumable)",
   async run(args) {
     const options = parseTrainArgs(args);
-    if (!options) return console.log(HELP);
-    let lastLine = -Infinity;
+    if (!options) return console.log(TRAIN_HELP);
+    const due = progressThrottle();
     try {
       await train(options, {
         onProgress(progress) {
-          const now = performance.now();
-          if (now - lastLine < PROGRESS_INTERVAL_MS && progress.step < progress.totalSteps) return;
-          lastLine = now;
-          console.error(trainProgressLine(progress));
+          // The last step's line is always shown: the run ends on it.
+          if (due(progress.step >= progress.totalSteps)) console.error(trainProgressLine(progress));
         },
       });
     } catch (error) {
-      throw explainPermission(error);
+      throw explainPermission(error, TRAIN_TASK);
     }
   },
 };

@@ -2,8 +2,14 @@ const USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.
 /** Freed buffers kept for reuse beyond this are destroyed instead. */
 const MAX_POOLED_BYTES = 512 * 1024 * 1024;
 
-/** Rounds to 2^k or 1.5·2^k so a size class wastes at most a third and sizes recur. */
+const MIB = 1 << 20;
+
+/**
+ * Rounds to 2^k or 1.5·2^k so sizes recur and buffers get reused; from 4 MiB up to the next
+ * MiB instead, since large buffers are mostly weights (allocated once) whose waste would count.
+ */
 export function sizeClass(bytes: number): number {
+  if (bytes >= 4 * MIB) return Math.ceil(bytes / MIB) * MIB;
   const n = Math.max(16, bytes);
   const pow = 2 ** Math.ceil(Math.log2(n));
   const threeQuarter = pow * 0.75;

@@ -16,6 +16,7 @@
  */
 import { join } from "node:path";
 import { closeNamesHint } from "./closest.ts";
+import { readJsonObject } from "./json.ts";
 import { SafetensorsFile, type TensorInfo } from "./safetensors.ts";
 
 export interface ModelFolderOptions {
@@ -39,20 +40,6 @@ async function exists(path: string): Promise<boolean> {
     if (error instanceof Deno.errors.NotFound) return false;
     throw error;
   }
-}
-
-async function readJsonObject(path: string, what: string): Promise<Record<string, unknown>> {
-  const text = await Deno.readTextFile(path);
-  let value: unknown;
-  try {
-    value = JSON.parse(text);
-  } catch (error) {
-    throw new Error(`${path}: ${what} is not valid JSON (${(error as Error).message})`);
-  }
-  if (typeof value !== "object" || value === null || Array.isArray(value)) {
-    throw new Error(`${path}: ${what} must be a JSON object`);
-  }
-  return value as Record<string, unknown>;
 }
 
 async function readConfig(dir: string): Promise<Record<string, unknown>> {

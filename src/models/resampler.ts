@@ -28,7 +28,12 @@ import {
   splitLastAxis,
 } from "../ops/layout.ts";
 import { matmul } from "../ops/matmul.ts";
-import { layerNormBackward, type LayerNormResult, layerNormWithStats } from "../ops/norm.ts";
+import {
+  layerNormBackward,
+  type LayerNormBackwardOptions,
+  type LayerNormResult,
+  layerNormWithStats,
+} from "../ops/norm.ts";
 import { columnSum } from "../ops/reduce.ts";
 import type { Rng } from "../train/rng.ts";
 
@@ -601,9 +606,19 @@ export function resamplerBackward(
     );
   const inputGrad = (dy: Tensor, name: string) =>
     matmul(gpu, dy, param(w, name), { transposeW: false });
-  const normGrads = (name: string, g: { dweight?: Tensor; dbias?: Tensor }) => {
+  /** Backward of the LayerNorm `name` from its forward statistics; records its grads, gives dx. */
+  const normBackward = (
+    name: string,
+    dy: Tensor,
+    x: Tensor,
+    stats: { mean: Tensor; rstd: Tensor },
+    options: LayerNormBackwardOptions = {},
+  ) => {
+    const weight = param(w, `${name}.weight`);
+    const g = layerNormBackward(gpu, dy, x, weight, stats.mean, stats.rstd, options);
     grads.set(`${name}.weight`, g.dweight!);
     grads.set(`${name}.bias`, g.dbias!);
+    return g.dx;
   };
 
   // Heads: seq = proj_out(latents), pooled = proj_pooled(norm_pool(mean_q(latents))).
@@ -613,40 +628,23 @@ export function resamplerBackward(
   weightGrad("proj_pooled.weight", dPooled, acts.normPool.y);
   grads.set("proj_pooled.bias", columnSum(gpu, dPooled));
   const dNormPool = inputGrad(dPooled, "proj_pooled.weight");
-  const pool = layerNormBackward(
-    gpu,
-    dNormPool,
-    acts.pooledMean,
-    param(w, "norm_pool.weight"),
-    acts.normPool.mean,
-    acts.normPool.rstd,
-  );
-  normGrads("norm_pool", pool);
-  const dFromMean = meanOverSequenceBackward(gpu, pool.dx, c.numQueries);
+  const dPooledMean = normBackward("norm_pool", dNormPool, acts.pooledMean, acts.normPool);
+  const dFromMean = meanOverSequenceBackward(gpu, dPooledMean, c.numQueries);
   addInPlace(gpu, dLatents, dFromMean);
-  for (const t of [dNormPool, pool.dx, dFromMean]) t.destroy();
+  for (const t of [dNormPool, dPooledMean, dFromMean]) t.destroy();
 
   let dX: Tensor | undefined;
   for (let i = c.depth - 1; i >= 0; i--) {
     const a = acts.blocks[i];
     const name = (suffix: string) => `layers.${i}.${suffix}`;
-    const p = (suffix: string) => param(w, name(suffix));
     // latents += w2(gelu(w1(norm_ff(latents)))); dLatents holds d latents_out.
     weightGrad(name("ff.w2.weight"), dLatents, a.ffAct);
     const dAct = inputGrad(dLatents, name("ff.w2.weight"));
     const dFfHidden = geluBackward(gpu, dAct, a.ffHidden);
     weightGrad(name("ff.w1.weight"), dFfHidden, a.normFf.y);
     const dNormFf = inputGrad(dFfHidden, name("ff.w1.weight"));
-    const ff = layerNormBackward(
-      gpu,
-      dNormFf,
-      a.latentsMid,
-      p("ff.norm.weight"),
-      a.normFf.mean,
-      a.normFf.rstd,
-      { out: dLatents, accumulate: true },
-    );
-    normGrads(name("ff.norm"), ff);
+    const addToLatents = { out: dLatents, accumulate: true };
+    normBackward(name("ff.norm"), dNormFf, a.latentsMid, a.normFf, addToLatents);
     for (const t of [dAct, dFfHidden, dNormFf]) t.destroy();
 
     // latents += to_out(attention(q, k, v)); dLatents now holds d latents_mid.
@@ -669,27 +667,9 @@ export function resamplerBackward(
       a.normL.y.shape,
     );
     addInPlace(gpu, dNormL, dNormLFromKv);
-    const normL = layerNormBackward(
-      gpu,
-      dNormL,
-      a.latentsIn,
-      p("attn.norm_l.weight"),
-      a.normL.mean,
-      a.normL.rstd,
-      { out: dLatents, accumulate: true },
-    );
-    normGrads(name("attn.norm_l"), normL);
-    const normX = layerNormBackward(
-      gpu,
-      dNormX,
-      acts.x,
-      p("attn.norm_x.weight"),
-      a.normX.mean,
-      a.normX.rstd,
-      dX ? { out: dX, accumulate: true } : {},
-    );
-    dX = normX.dx;
-    normGrads(name("attn.norm_x"), normX);
+    normBackward(name("attn.norm_l"), dNormL, a.latentsIn, a.normL, addToLatents);
+    const addToX = dX ? { out: dX, accumulate: true } : {};
+    dX = normBackward(name("attn.norm_x"), dNormX, acts.x, a.normX, addToX);
     for (const t of [dAttn, dq, dk, dv, dNormL, dKv, dKvInput, dNormX, dNormLFromKv]) t.destroy();
   }
 

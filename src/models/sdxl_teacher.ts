@@ -17,6 +17,7 @@ import {
   loadClipTokenizer,
 } from "../text/clip_tokenizer.ts";
 import {
+  clipTextConfig,
   clipTextForward,
   type ClipTextModel,
   destroyClipTextModel,
@@ -173,36 +174,35 @@ export async function loadSdxlTeacher(
   ]);
   const folderL = await openEncoderFolder(join(sdxlDir, "text_encoder"));
   const folderG = await openEncoderFolder(join(sdxlDir, "text_encoder_2"));
-  const identity = await teacherIdentity(sdxlDir, {
-    text_encoder: folderL,
-    text_encoder_2: folderG,
-  });
   const onTensor = (part: string) => (name: string, done: number, total: number) =>
     options.onTensor?.(part, name, done, total);
   let modelL: ClipTextModel | undefined;
-  let modelG: ClipTextModel;
+  let modelG: ClipTextModel | undefined;
+  let identity: Record<string, string>;
   try {
+    for (const folder of [folderL, folderG]) {
+      const { maxPositions } = clipTextConfig(folder);
+      if (maxPositions < CLIP_SEQUENCE_LENGTH) {
+        throw new Error(
+          `${folder.dir}/config.json: max_position_embeddings ${maxPositions} is below the ` +
+            `${CLIP_SEQUENCE_LENGTH} tokens SDXL's tokenizers produce`,
+        );
+      }
+    }
     modelL = await loadClipTextModel(gpu, folderL, { onTensor: onTensor("text_encoder") });
     modelG = await loadClipTextModel(gpu, folderG, {
       pooled: true,
       onTensor: onTensor("text_encoder_2"),
     });
+    // After loading, so a broken folder fails before gigabytes are hashed.
+    identity = await teacherIdentity(sdxlDir, { text_encoder: folderL, text_encoder_2: folderG });
   } catch (error) {
     if (modelL) destroyClipTextModel(modelL);
+    if (modelG) destroyClipTextModel(modelG);
     throw error;
   } finally {
     folderL.close();
     folderG.close();
-  }
-  for (const model of [modelL, modelG]) {
-    if (model.config.maxPositions < CLIP_SEQUENCE_LENGTH) {
-      destroyClipTextModel(modelL);
-      destroyClipTextModel(modelG);
-      throw new Error(
-        `${model.source}/config.json: max_position_embeddings ${model.config.maxPositions} is ` +
-          `below the ${CLIP_SEQUENCE_LENGTH} tokens SDXL's tokenizers produce`,
-      );
-    }
   }
   const l = modelL;
   const g = modelG;

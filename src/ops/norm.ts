@@ -6,12 +6,14 @@
  * (Qwen3's q_norm/k_norm: `x [T, nHeads * hd]`, weight `[hd]` gives T * nHeads rows).
  * The `*WithStats` variants also return per-row statistics ([rows] f32) for the backward pass
  * (`layerNormBackward`, `rmsNormBackward`), which reads them instead of recomputing them.
- * Parameter gradients are summed over rows in a fixed order (no atomics): reproducible bits.
+ * Parameter gradients are summed over rows in columnSum's fixed order (no atomics):
+ * reproducible bits.
  */
 import code from "../../kernels/norm.wgsl" with { type: "text" };
 import { f32, type Gpu, grid1d } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import { requireDType, requireOut, requireSize } from "./checks.ts";
+import { columnSum, columnSumChunkRows, sumChunkPartials } from "./reduce.ts";
 import { rowWorkgroupSize, withWorkgroupReduce } from "./row_reduce.ts";
 
 const kernelCode = withWorkgroupReduce(code);
@@ -50,33 +52,40 @@ function normRows(op: string, x: Tensor, weight: Tensor, bias: Tensor | null, ep
   return x.size / d;
 }
 
-function dispatchNorm(
+/**
+ * Checks the arguments, takes `out` or allocates y, and records the kernel; `withStats` also
+ * allocates and writes the per-row statistics the backward pass reads (rstd, and the mean for
+ * LayerNorm).
+ */
+function runNorm(
   gpu: Gpu,
-  entry: string,
+  op: "layerNorm" | "rmsNorm",
   x: Tensor,
   weight: Tensor,
   bias: Tensor | null,
   eps: number,
-  rows: number,
-  outputs: { y: Tensor; mean?: Tensor; rstd?: Tensor },
-): void {
+  out: Tensor | undefined,
+  withStats: boolean,
+): { y: Tensor; mean?: Tensor; rstd?: Tensor } {
+  const rows = normRows(op, x, weight, bias, eps);
+  if (out) requireOut(op, out, x.size, [x]);
+  const y = out ?? gpu.empty(x.shape, "f32", `${op}(${x.name})`);
+  const stat = (name: string) => gpu.empty([rows], "f32", `${op}.${name}(${x.name})`);
+  const mean = withStats && op === "layerNorm" ? stat("mean") : undefined;
+  const rstd = withStats ? stat("rstd") : undefined;
   const d = weight.size;
   gpu.dispatch({
     kernel: {
       name: "norm",
       code: kernelCode,
-      entry,
+      entry: `${op === "layerNorm" ? "layer_norm" : "rms_norm"}${withStats ? "_stats" : ""}`,
       constants: { WG: rowWorkgroupSize(d) },
     },
     params: [rows, d, f32(eps)],
-    bindings: [x, weight, bias, outputs.y, outputs.mean ?? null, outputs.rstd ?? null],
+    bindings: [x, weight, bias, y, mean ?? null, rstd ?? null],
     workgroups: grid1d(gpu, rows, 1),
   });
-}
-
-function normOutput(gpu: Gpu, op: string, x: Tensor, out: Tensor | undefined): Tensor {
-  if (out) requireOut(op, out, x.size, [x]);
-  return out ?? gpu.empty(x.shape, "f32", `${op}(${x.name})`);
+  return { y, mean, rstd };
 }
 
 /** `(x - mean) / sqrt(var + eps) * weight + bias` per row (torch.nn.LayerNorm, biased variance). */
@@ -88,10 +97,7 @@ export function layerNorm(
   eps: number,
   out?: Tensor,
 ): Tensor {
-  const rows = normRows("layerNorm", x, weight, bias, eps);
-  const y = normOutput(gpu, "layerNorm", x, out);
-  dispatchNorm(gpu, "layer_norm", x, weight, bias, eps, rows, { y });
-  return y;
+  return runNorm(gpu, "layerNorm", x, weight, bias, eps, out, false).y;
 }
 
 /** `layerNorm` that also keeps the per-row mean and rstd. */
@@ -103,20 +109,13 @@ export function layerNormWithStats(
   eps: number,
   out?: Tensor,
 ): LayerNormResult {
-  const rows = normRows("layerNorm", x, weight, bias, eps);
-  const y = normOutput(gpu, "layerNorm", x, out);
-  const mean = gpu.empty([rows], "f32", `layerNorm.mean(${x.name})`);
-  const rstd = gpu.empty([rows], "f32", `layerNorm.rstd(${x.name})`);
-  dispatchNorm(gpu, "layer_norm_stats", x, weight, bias, eps, rows, { y, mean, rstd });
-  return { y, mean, rstd };
+  const { y, mean, rstd } = runNorm(gpu, "layerNorm", x, weight, bias, eps, out, true);
+  return { y, mean: mean!, rstd: rstd! };
 }
 
 /** `weight * (x / sqrt(mean(x^2) + eps))` per row in f32, as transformers' Qwen3RMSNorm. */
 export function rmsNorm(gpu: Gpu, x: Tensor, weight: Tensor, eps: number, out?: Tensor): Tensor {
-  const rows = normRows("rmsNorm", x, weight, null, eps);
-  const y = normOutput(gpu, "rmsNorm", x, out);
-  dispatchNorm(gpu, "rms_norm", x, weight, null, eps, rows, { y });
-  return y;
+  return runNorm(gpu, "rmsNorm", x, weight, null, eps, out, false).y;
 }
 
 /** `rmsNorm` that also keeps the per-row rstd. */
@@ -127,23 +126,14 @@ export function rmsNormWithStats(
   eps: number,
   out?: Tensor,
 ): RmsNormResult {
-  const rows = normRows("rmsNorm", x, weight, null, eps);
-  const y = normOutput(gpu, "rmsNorm", x, out);
-  const rstd = gpu.empty([rows], "f32", `rmsNorm.rstd(${x.name})`);
-  dispatchNorm(gpu, "rms_norm_stats", x, weight, null, eps, rows, { y, rstd });
-  return { y, rstd };
+  const { y, rstd } = runNorm(gpu, "rmsNorm", x, weight, null, eps, out, true);
+  return { y, rstd: rstd! };
 }
 
 // Flags of the backward kernels (kernels/norm.wgsl).
 const LAYER_NORM = 1;
 const ACCUMULATE = 2;
 const COLUMN_WG = 64;
-/**
- * Parameter gradients are summed over chunks of at least this many rows, and at most
- * PARAM_GRAD_MAX_CHUNKS chunks, so the final per-column sum stays short.
- */
-const PARAM_GRAD_MIN_CHUNK_ROWS = 16;
-const PARAM_GRAD_MAX_CHUNKS = 256;
 
 export interface NormBackwardOptions {
   /** Write dx into this f32 tensor of x's size instead of a new one. */
@@ -216,8 +206,8 @@ function normBackwardDx(
 }
 
 /**
- * Sums dy * xhat (and dy, when `mean` is given: LayerNorm) over all rows into [D] tensors,
- * in two deterministic steps: per-chunk partial sums, then the chunks in order.
+ * Sums dy * xhat over all rows into dweight [D] and, for LayerNorm (`mean` given), dy into
+ * dbias [D]. dy * xhat is never stored: its per-chunk sums are, then added as columnSum adds.
  */
 function normParamGrads(
   gpu: Gpu,
@@ -229,31 +219,21 @@ function normParamGrads(
   rows: number,
   d: number,
 ): Tensor[] {
-  const chunkRows = Math.max(PARAM_GRAD_MIN_CHUNK_ROWS, Math.ceil(rows / PARAM_GRAD_MAX_CHUNKS));
+  const chunkRows = columnSumChunkRows(rows);
   const chunks = Math.ceil(rows / chunkRows);
-  const outputs = mean ? 2 : 1;
-  const stride = outputs * d;
-  const partial = gpu.empty([chunks, stride], "f32", `${op}.partialParamGrads`);
-  const columnGroups = Math.ceil(d / COLUMN_WG);
+  const partial = gpu.empty([chunks, d], "f32", `${op}.dweight.partial`);
   gpu.dispatch({
-    kernel: { name: "norm", code: kernelCode, entry: "norm_param_grad_partial" },
-    params: [rows, d, f32(0), mean ? LAYER_NORM : 0, chunkRows, stride],
+    kernel: { name: "norm", code: kernelCode, entry: "norm_weight_grad_partial" },
+    params: [rows, d, f32(0), mean ? LAYER_NORM : 0, chunkRows],
     bindings: [x, null, null, null, null, null, dy, mean ?? rstd, rstd, null, partial],
-    workgroups: [columnGroups, chunks],
+    workgroups: [Math.ceil(d / COLUMN_WG), chunks],
   });
-  const names = ["dweight", "dbias"];
-  const grads = names.slice(0, outputs).map((name, k) => {
-    const grad = gpu.empty([d], "f32", `${op}.${name}`);
-    gpu.dispatch({
-      kernel: { name: "norm", code: kernelCode, entry: "column_sum" },
-      params: [chunks, d, f32(0), 0, 0, stride, k * d],
-      bindings: [null, null, null, null, null, null, null, null, null, null, partial, grad],
-      workgroups: [columnGroups],
-    });
-    return grad;
-  });
+  const dweight = gpu.empty([d], "f32", `${op}.dweight`);
+  sumChunkPartials(gpu, partial, dweight);
   partial.destroy();
-  return grads;
+  if (!mean) return [dweight];
+  const dbias = gpu.empty([d], "f32", `${op}.dbias`);
+  return [dweight, columnSum(gpu, dy.reshape([rows, d]), dbias)];
 }
 
 /**

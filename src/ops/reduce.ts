@@ -34,6 +34,21 @@ function dispatchColumnSum(
   });
 }
 
+/**
+ * Rows per chunk when `rows` rows are summed in two passes. An op that writes its own per-chunk
+ * partial sums (of a product it never stores, e.g. the norms' dweight) chunks with it and
+ * finishes with `sumChunkPartials`, so its sums are added in columnSum's order.
+ */
+export function columnSumChunkRows(rows: number): number {
+  return Math.max(MIN_CHUNK_ROWS, Math.ceil(rows / MAX_CHUNKS));
+}
+
+/** partial [chunks, N] f32 -> out [N]: columnSum's second pass, the chunks added in order. */
+export function sumChunkPartials(gpu: Gpu, partial: Tensor, out: Tensor): void {
+  const [chunks, cols] = partial.shape;
+  dispatchColumnSum(gpu, partial, out, chunks, cols, chunks);
+}
+
 /** x [..., N] f32 -> [N]: the sum over all leading axes (rows), added in row order per chunk. */
 export function columnSum(gpu: Gpu, x: Tensor, out?: Tensor): Tensor {
   const op = "columnSum";
@@ -52,7 +67,7 @@ export function columnSum(gpu: Gpu, x: Tensor, out?: Tensor): Tensor {
   }
   const result = out ?? gpu.empty([cols], "f32", name);
   if (cols === 0) return result;
-  const chunkRows = Math.max(MIN_CHUNK_ROWS, Math.ceil(rows / MAX_CHUNKS));
+  const chunkRows = columnSumChunkRows(rows);
   if (rows <= chunkRows) {
     dispatchColumnSum(gpu, x, result, rows, cols, rows);
     return result;
@@ -60,7 +75,7 @@ export function columnSum(gpu: Gpu, x: Tensor, out?: Tensor): Tensor {
   const chunks = Math.ceil(rows / chunkRows);
   const partial = gpu.empty([chunks, cols], "f32", `${op}.partial(${x.name})`);
   dispatchColumnSum(gpu, x, partial, rows, cols, chunkRows);
-  dispatchColumnSum(gpu, partial, result, chunks, cols, chunks);
+  sumChunkPartials(gpu, partial, result);
   partial.destroy();
   return result;
 }

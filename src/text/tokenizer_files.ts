@@ -4,9 +4,9 @@
  * folder, the file and what the folder should be.
  */
 import { join } from "node:path";
+import { type JsonObject, parseJsonObject } from "../io/json.ts";
 
-/** A JSON object as parsed from a tokenizer file. */
-export type JsonObject = Record<string, unknown>;
+export type { JsonObject };
 
 /** Reads a required text file of a tokenizer folder; `hint` says what the folder should hold. */
 export async function readRequiredText(
@@ -33,13 +33,19 @@ export async function readOptionalText(folder: string, file: string): Promise<st
   }
 }
 
+const TOKENIZER_FILE = "the tokenizer file";
+
 /** Reads a required JSON object file of a tokenizer folder. */
 export async function readRequiredJsonObject(
   folder: string,
   file: string,
   hint: string,
 ): Promise<JsonObject> {
-  return parseJsonObject(await readRequiredText(folder, file, hint), join(folder, file));
+  return parseJsonObject(
+    await readRequiredText(folder, file, hint),
+    join(folder, file),
+    TOKENIZER_FILE,
+  );
 }
 
 /** Reads an optional JSON object file; `undefined` when the file does not exist. */
@@ -48,21 +54,7 @@ export async function readOptionalJsonObject(
   file: string,
 ): Promise<JsonObject | undefined> {
   const text = await readOptionalText(folder, file);
-  return text === undefined ? undefined : parseJsonObject(text, join(folder, file));
-}
-
-/** Parses `text` (read from `path`) as a JSON object. */
-function parseJsonObject(text: string, path: string): JsonObject {
-  let value: unknown;
-  try {
-    value = JSON.parse(text);
-  } catch (err) {
-    throw new Error(`${path} is not valid JSON: ${(err as Error).message}`);
-  }
-  if (value === null || typeof value !== "object" || Array.isArray(value)) {
-    throw new Error(`${path} must hold a JSON object`);
-  }
-  return value as JsonObject;
+  return text === undefined ? undefined : parseJsonObject(text, join(folder, file), TOKENIZER_FILE);
 }
 
 /**

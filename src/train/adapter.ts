@@ -30,21 +30,17 @@ export interface PromptSettings {
   maxTokens: number;
 }
 
+/** A Qwen3's name and sizes: its config less the numerics (rope theta, norm eps). */
+export interface BaseModelRecord extends Omit<Qwen3Config, "ropeTheta" | "rmsNormEps"> {
+  name: string;
+}
+
 export interface DistillConfig {
   format: "distill-adapter";
   version: 1;
   prompt: PromptSettings;
   /** The Qwen3 this adapter was trained on (sizes checked on load). */
-  baseModel: {
-    name: string;
-    hiddenSize: number;
-    numLayers: number;
-    numHeads: number;
-    numKvHeads: number;
-    headDim: number;
-    intermediateSize: number;
-    vocabSize: number;
-  };
+  baseModel: BaseModelRecord;
   /** Teacher identity from the target cache, so users can tell what an adapter imitates. */
   teacher: Record<string, string>;
   /** Free-form facts about the run (steps, held-out loss). */
@@ -57,7 +53,7 @@ export interface TrainedAdapter {
   resampler: ResamplerWeights;
 }
 
-export function baseModelRecord(name: string, c: Qwen3Config): DistillConfig["baseModel"] {
+export function baseModelRecord(name: string, c: Qwen3Config): BaseModelRecord {
   return {
     name,
     hiddenSize: c.hiddenSize,

@@ -82,7 +82,7 @@ export class DistillStep {
   readonly loraGrads: LoraGrads = new Map();
   readonly resamplerGrads = new Map<string, Tensor>();
   readonly #checkpoint: boolean;
-  #losses: Array<{ seq: Tensor; pooled: Tensor }> = [];
+  #losses: Array<{ seq: Tensor; pooled: Tensor; weight: number }> = [];
 
   constructor(
     gpu: Gpu,
@@ -173,10 +173,13 @@ export class DistillStep {
       this.loraGrads,
     );
     dHidden.destroy();
-    this.#losses.push({ seq: lossSeq.loss, pooled: lossPooled.loss });
+    this.#losses.push({ seq: lossSeq.loss, pooled: lossPooled.loss, weight: lossScale });
   }
 
-  /** Loss of the accumulated micro-batches (the mean of their unscaled losses) and the grad norms. */
+  /**
+   * Loss of the accumulated micro-batches (their losses weighted by each one's `lossScale`,
+   * i.e. its share of the batch) and the gradient norms.
+   */
   async measure(): Promise<Omit<StepResult, "clipCoef">> {
     const losses = this.#losses;
     this.#losses = [];
@@ -188,10 +191,10 @@ export class DistillStep {
     }
     let lossSeq = 0;
     let lossPooled = 0;
-    for (let i = 0; i < losses.length; i++) {
-      lossSeq += values[2 * i][0] / losses.length;
-      lossPooled += values[2 * i + 1][0] / losses.length;
-    }
+    losses.forEach(({ weight }, i) => {
+      lossSeq += values[2 * i][0] * weight;
+      lossPooled += values[2 * i + 1][0] * weight;
+    });
     const norms = await gradNorms(this.gpu, {
       resampler: [...this.resamplerGrads.values()],
       lora: [...this.loraGrads.values()].flatMap((g) => [g.a, g.b]),

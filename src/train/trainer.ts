@@ -17,6 +17,10 @@
  * from `mixSeed(seed, s, i)`, and the GPU math has no atomics, so a run resumed from a
  * checkpoint takes exactly the steps an uninterrupted run takes: the final parameters are
  * bitwise identical.
+ *
+ * Checkpoints and the adapter are written into `.tmp-*` folders renamed into place, so a
+ * folder under its final name is always complete. The temp names are fixed, so one trainer
+ * at a time may use a run folder; a later run removes what an interrupted one left.
  */
 import { basename, join } from "node:path";
 import { Gpu } from "../gpu/device.ts";
@@ -380,36 +384,22 @@ export function resolveTrainConfig(options: TrainOptions): TrainConfig {
   };
 }
 
-export function trajectoryOf(config: TrainConfig): TrajectoryConfig {
-  const {
-    stepBatch,
-    microBatches,
-    epochs,
-    maxSteps,
-    lr,
-    weightDecay,
-    maxGradNorm,
-    warmupRatio,
-    seed,
-    heldOutFraction,
-    lora,
-    resampler,
-    prompt,
-  } = config;
+/** The trajectory fields alone: what a checkpoint stores and a resumed run must match. */
+export function trajectoryOf(c: TrainConfig): TrajectoryConfig {
   return {
-    stepBatch,
-    microBatches,
-    epochs,
-    maxSteps,
-    lr,
-    weightDecay,
-    maxGradNorm,
-    warmupRatio,
-    seed,
-    heldOutFraction,
-    lora,
-    resampler,
-    prompt,
+    stepBatch: c.stepBatch,
+    microBatches: c.microBatches,
+    epochs: c.epochs,
+    maxSteps: c.maxSteps,
+    lr: c.lr,
+    weightDecay: c.weightDecay,
+    maxGradNorm: c.maxGradNorm,
+    warmupRatio: c.warmupRatio,
+    seed: c.seed,
+    heldOutFraction: c.heldOutFraction,
+    lora: c.lora,
+    resampler: c.resampler,
+    prompt: c.prompt,
   };
 }
 
@@ -833,7 +823,7 @@ async function saveCheckpoint(s: Session, c: CheckpointContents): Promise<string
   const root = join(s.config.out, CHECKPOINTS_DIR);
   await Deno.mkdir(root, { recursive: true });
   const name = checkpointName(c.step);
-  const tmp = join(root, `.tmp-${name}-${Deno.pid}`);
+  const tmp = join(root, `.tmp-${name}`);
   const dir = join(root, name);
   await removeIfPresent(tmp);
   await saveAdapter(s.gpu, tmp, {
@@ -882,7 +872,7 @@ async function saveCheckpoint(s: Session, c: CheckpointContents): Promise<string
 /** Writes `<out>/adapter` through a temp folder, so a complete adapter replaces the old one. */
 async function saveFinalAdapter(s: Session, training: Record<string, unknown>): Promise<string> {
   const dir = join(s.config.out, ADAPTER_DIR);
-  const tmp = join(s.config.out, `.tmp-${ADAPTER_DIR}-${Deno.pid}`);
+  const tmp = join(s.config.out, `.tmp-${ADAPTER_DIR}`);
   await removeIfPresent(tmp);
   await saveAdapter(s.gpu, tmp, {
     config: distillConfig(s, training),
@@ -982,16 +972,17 @@ export async function train(options: TrainOptions, hooks: TrainHooks = {}): Prom
   };
   checkResamplerConfig(resamplerConfig, "resampler options");
 
-  const latest = config.resume ? await readLatestCheckpoint(config.out) : undefined;
-  if (!config.resume && (await readLatestCheckpoint(config.out))) {
+  const found = await readLatestCheckpoint(config.out);
+  if (found && !config.resume) {
     throw new Error(
       `${config.out} already holds a run with checkpoints: pass --resume to continue it, or ` +
         `choose another --out folder`,
     );
   }
-  if (config.resume && !latest) {
+  if (!found && config.resume) {
     log(`train: no checkpoint in ${join(config.out, CHECKPOINTS_DIR)}: starting from step 0`);
   }
+  const latest = config.resume ? found : undefined;
   const resumeState = latest
     ? await readResumeState(latest.dir, config, cache, baseModel)
     : undefined;
@@ -1078,15 +1069,13 @@ async function runLoop(s: Session, plan: LoopPlan): Promise<TrainResult> {
   const { totalSteps, stepsPerEpoch, resumeState, hooks } = plan;
   const startStep = resumeState?.step ?? 0;
   const root = join(config.out, CHECKPOINTS_DIR);
-  if (resumeState) {
-    // Folders past the resumed step belong to an abandoned continuation; temp folders to
-    // interrupted writes.
-    const { steps, temps } = await listCheckpoints(root);
-    for (const st of steps.filter((st) => st > startStep)) {
-      await removeIfPresent(join(root, checkpointName(st)));
-    }
-    for (const t of temps) await removeIfPresent(join(root, t));
+  // Folders past the starting step belong to an abandoned continuation (or, at step 0, to a
+  // first checkpoint that never reached latest.json); temp folders to interrupted writes.
+  const { steps, temps } = await listCheckpoints(root);
+  for (const st of steps.filter((st) => st > startStep)) {
+    await removeIfPresent(join(root, checkpointName(st)));
   }
+  for (const t of temps) await removeIfPresent(join(root, t));
   const metrics = await MetricsLog.open(
     config.out,
     resumeState ? { resumeFromStep: startStep } : { overwrite: config.resume },
@@ -1181,8 +1170,9 @@ async function runLoop(s: Session, plan: LoopPlan): Promise<TrainResult> {
           const latest = await readLatestCheckpoint(config.out);
           throw new Error(
             `training diverged at step ${done}: loss ${measured.loss}, gradient norm ` +
-              `${measured.gradNorm.total}. Lower the learning rates (--lr-resampler, --lr-lora)` +
-              (latest ? `; the last good checkpoint is ${latest.dir}` : ""),
+              `${measured.gradNorm.total}. Start a new run with lower learning rates ` +
+              `(--lr-resampler, --lr-lora) or a lower --max-grad-norm` +
+              (latest ? `; the last finite checkpoint is ${latest.dir}` : ""),
           );
         }
         hooks.onProgress?.({

@@ -8,11 +8,23 @@ import {
   fakeTeacher,
   type FakeTeacherOptions,
   readTree,
-  withTempDir,
   writeSampleJsonl,
 } from "../data/fake_teacher.ts";
+import { rejectsAs, withTempDir } from "../helpers.ts";
 
 const FAKE_RUN = new URL("./cache_fake_run.ts", import.meta.url).pathname;
+
+/** `deno` arguments running the cache command in a subprocess that may write only `writable`. */
+function fakeRunArgs(writable: string, delayMs: number, cacheArgs: string[]): string[] {
+  return [
+    "run",
+    "--allow-read",
+    `--allow-write=${writable}`,
+    FAKE_RUN,
+    String(delayMs),
+    ...cacheArgs,
+  ];
+}
 
 function commandWith(options: FakeTeacherOptions = {}) {
   const opened: string[] = [];
@@ -48,20 +60,6 @@ async function quietly(run: () => Promise<void>): Promise<{ out: string; err: st
   const result = await captureConsole(run);
   if (result.error) throw result.error;
   return result;
-}
-
-async function rejectsWith(
-  run: () => Promise<unknown>,
-  type: new (...args: never[]) => Error,
-  ...parts: string[]
-): Promise<void> {
-  await assert.rejects(run, (error: Error) => {
-    assert.ok(error instanceof type, `${error.name}: ${error.message}`);
-    for (const part of parts) {
-      assert.ok(error.message.includes(part), `"${part}" not in: ${error.message}`);
-    }
-    return true;
-  });
 }
 
 async function readManifest(dir: string): Promise<CacheManifest> {
@@ -161,7 +159,7 @@ Deno.test("cache: bad data, another teacher's cache and bad options fail with th
     const { command, opened } = commandWith();
     const empty = await writeSampleJsonl(dir, 0);
     const out = join(dir, "out");
-    await rejectsWith(
+    await rejectsAs(
       () => command.run(["--data", empty, "--sdxl", "m", "--out", out]),
       DataError,
       `${empty}: no captions found`,
@@ -172,7 +170,7 @@ Deno.test("cache: bad data, another teacher's cache and bad options fail with th
     const data = await writeSampleJsonl(dir, 5);
     await quietly(() => command.run(["--data", data, "--sdxl", "m", "--out", out]));
     const other = commandWith({ identity: { "text_encoder/model.safetensors": "sha256:v2" } });
-    await rejectsWith(
+    await rejectsAs(
       () => other.command.run(["--data", data, "--sdxl", "m2", "--out", out]),
       Error,
       `${join(out, MANIFEST_FILE)} holds targets of another teacher`,
@@ -199,7 +197,7 @@ Deno.test("cache: bad data, another teacher's cache and bad options fail with th
       [[...base, "--bogus"], "cache: Unknown option '--bogus'"],
     ];
     for (const [args, message] of usage) {
-      await rejectsWith(() => command.run(args), UsageError, message);
+      await rejectsAs(() => command.run(args), UsageError, message);
     }
   });
 });
@@ -208,44 +206,13 @@ Deno.test("cache: a run killed with SIGKILL resumes to the bytes of an uninterru
   await withTempDir(async (dir) => {
     const data = await writeSampleJsonl(dir, 40);
     const [whole, killed] = [join(dir, "whole"), join(dir, "killed")];
-    const args = (delay: number, out: string) => [
-      "run",
-      "--allow-read",
-      `--allow-write=${dir}`,
-      FAKE_RUN,
-      String(delay),
-      ...[
-        "--data",
-        data,
-        "--sdxl",
-        "m",
-        "--out",
-        out,
-        "--batch-size",
-        "2",
-        "--rows-per-shard",
-        "4",
-      ],
-    ];
+    const common = ["--data", data, "--sdxl", "m", "--batch-size", "2", "--rows-per-shard", "4"];
     const { command } = commandWith();
-    await quietly(() =>
-      command.run([
-        "--data",
-        data,
-        "--sdxl",
-        "m",
-        "--out",
-        whole,
-        "--batch-size",
-        "2",
-        "--rows-per-shard",
-        "4",
-      ])
-    );
+    await quietly(() => command.run([...common, "--out", whole]));
 
     // 10 shards of 2 batches, 30 ms each: killed once 2 shards are on disk, mid-way through.
     const child = new Deno.Command(Deno.execPath(), {
-      args: args(30, killed),
+      args: fakeRunArgs(dir, 30, [...common, "--out", killed]),
       stdout: "null",
       stderr: "null",
     }).spawn();
@@ -268,7 +235,7 @@ Deno.test("cache: a run killed with SIGKILL resumes to the bytes of an uninterru
     assert.ok(done >= 1 && done < 10, `${done} shards recorded`);
 
     const resumed = await new Deno.Command(Deno.execPath(), {
-      args: args(0, killed),
+      args: fakeRunArgs(dir, 0, [...common, "--out", killed]),
       stdout: "null",
       stderr: "piped",
     }).output();
@@ -287,19 +254,7 @@ Deno.test("cache: a write outside the permitted folder names the fix", async () 
     await Deno.mkdir(allowed);
     const out = join(dir, "elsewhere");
     const result = await new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--allow-read",
-        `--allow-write=${allowed}`,
-        FAKE_RUN,
-        "0",
-        "--data",
-        data,
-        "--sdxl",
-        "m",
-        "--out",
-        out,
-      ],
+      args: fakeRunArgs(allowed, 0, ["--data", data, "--sdxl", "m", "--out", out]),
       stdout: "null",
       stderr: "piped",
     }).output();

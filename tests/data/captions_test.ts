@@ -10,19 +10,11 @@ import {
   type ReadCaptionsOptions,
   splitHeldOut,
 } from "../../src/data/captions.ts";
+import { withTempDir } from "../helpers.ts";
 import { sprightSample, tarBytes, type TarEntry } from "./tar_fixture.ts";
 
 const PROMPTS = new URL("../fixtures/prompts/", import.meta.url).pathname;
 const PARQUET = new URL("./fixtures/captions.parquet", import.meta.url).pathname;
-
-async function withTempDir(run: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "distill-captions-" });
-  try {
-    await run(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
 
 /** Writes `files` (relative path → text or bytes) under `dir`, making folders as needed. */
 async function writeTree(dir: string, files: Record<string, string | Uint8Array>): Promise<void> {

@@ -94,12 +94,3 @@ export async function readTree(dir: string): Promise<Map<string, Uint8Array>> {
   for (const name of names.sort()) files.set(name, await Deno.readFile(join(dir, name)));
   return files;
 }
-
-export async function withTempDir(run: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "distill-cache-" });
-  try {
-    await run(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}

@@ -3,18 +3,10 @@ import { join } from "node:path";
 import { DataError } from "../../src/data/collect.ts";
 import { type TarMember, tarMembers } from "../../src/data/tar.ts";
 import { splitSampleName } from "../../src/data/webdataset.ts";
+import { withTempDir } from "../helpers.ts";
 import { tarBytes, tarHeader } from "./tar_fixture.ts";
 
 const decoder = new TextDecoder();
-
-async function withTempDir(run: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "distill-tar-" });
-  try {
-    await run(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
 
 async function members(path: string): Promise<{ name: string; text: string }[]> {
   const out: { name: string; text: string }[] = [];

@@ -14,7 +14,8 @@ import {
   sha256File,
   verifyCache,
 } from "../../src/data/target_cache.ts";
-import { fakeTeacher, readTree, sampleRows, withTempDir } from "./fake_teacher.ts";
+import { rejectsWith, withTempDir } from "../helpers.ts";
+import { fakeTeacher, readTree, sampleRows } from "./fake_teacher.ts";
 
 const ROWS = sampleRows(22);
 const SOURCE = { data: "captions.jsonl", format: "jsonl", dedupe: false };
@@ -40,15 +41,6 @@ async function assertSameTree(actual: string, expected: string): Promise<void> {
 
 async function readManifest(dir: string): Promise<CacheManifest> {
   return JSON.parse(await Deno.readTextFile(join(dir, MANIFEST_FILE)));
-}
-
-async function rejectsWith(run: () => Promise<unknown>, ...parts: string[]): Promise<void> {
-  await assert.rejects(run, (error: Error) => {
-    for (const part of parts) {
-      assert.ok(error.message.includes(part), `"${part}" not in: ${error.message}`);
-    }
-    return true;
-  });
 }
 
 Deno.test("cache: shards, manifest and reader hold the teacher's F16 targets", async () => {

@@ -98,9 +98,13 @@ Deno.test("grid1d wraps onto y past 65535 workgroups", async () => {
   assert.equal(y, 2);
 });
 
-Deno.test("size classes are 2^k or 3·2^(k-2) and never smaller than asked", () => {
-  for (const n of [1, 16, 17, 100, 4096, 5000, 6144, 6145, 1e6, 778_000_000]) {
+Deno.test("size classes never undershoot; small ones are 2^k or 3·2^(k-2), large ones whole MiB", () => {
+  for (const n of [1, 16, 17, 100, 4096, 5000, 6144, 6145, 1e6]) {
     const c = sizeClass(n);
     assert.ok(c >= n && c < 1.5 * Math.max(n, 16) + 1, `${n} -> ${c}`);
+  }
+  for (const n of [4 << 20, 13_107_200, 778_000_000]) {
+    const c = sizeClass(n);
+    assert.ok(c >= n && c - n < 1 << 20 && c % (1 << 20) === 0, `${n} -> ${c}`);
   }
 });

@@ -13,8 +13,8 @@ import {
   type ClipTextShape,
   writeClipTokenizerFolder,
   writeRandomSdxlTeacherFolder,
-} from "../../scripts/teacher_scale.ts";
-import { assertMaxAbs, assertNmse, testGpu } from "../helpers.ts";
+} from "../../src/models/random_sdxl.ts";
+import { assertMaxAbs, assertNmse, rejectsWith, testGpu, withTempDir } from "../helpers.ts";
 
 const FIXTURE = new URL("../fixtures/clip/", import.meta.url).pathname;
 const BATCH = 3;
@@ -43,15 +43,6 @@ function assertParity(expected: Float32Array, actual: Float32Array, tol: number,
   assertNmse(expected, actual, 1e-6, what);
 }
 
-async function withTempDir(run: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "clip-test-" });
-  try {
-    await run(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
-
 /** Copies a fixture encoder folder, optionally changing its config. */
 async function copyEncoder(
   part: "text_encoder" | "text_encoder_2",
@@ -78,15 +69,6 @@ async function fixtureSdxlFolder(
   }
   if (!skip.includes("tokenizer")) await writeClipTokenizerFolder(join(dir, "tokenizer"));
   if (!skip.includes("tokenizer_2")) await writeClipTokenizerFolder(join(dir, "tokenizer_2"), "!");
-}
-
-async function rejectsWith(run: () => Promise<unknown>, ...parts: string[]): Promise<void> {
-  await assert.rejects(run, (error: Error) => {
-    for (const part of parts) {
-      assert.ok(error.message.includes(part), `"${part}" not in: ${error.message}`);
-    }
-    return true;
-  });
 }
 
 Deno.test("clip: the pooling position is the first largest id, not config.eos_token_id", async () => {
@@ -183,6 +165,24 @@ Deno.test("sdxl teacher: prompt_embeds and pooled match the fixture; identity is
         "token id 49406",
         "do not belong together",
       );
+    } finally {
+      teacher.destroy();
+    }
+  });
+});
+
+Deno.test("sdxl teacher: reads diffusers' model.fp16.safetensors when it is the only weights", async () => {
+  const gpu = await testGpu();
+  const cases = await readCases();
+  await withTempDir(async (dir) => {
+    await fixtureSdxlFolder(dir);
+    const part = join(dir, "text_encoder_2");
+    await Deno.rename(join(part, "model.safetensors"), join(part, "model.fp16.safetensors"));
+    const teacher = await loadSdxlTeacher(gpu, dir);
+    try {
+      assert.ok("text_encoder_2/model.fp16.safetensors" in teacher.identity);
+      const { pooled } = await teacher.encodeIds(cases.idsL, cases.idsG, BATCH);
+      assertParity(cases.pooled, pooled, 6e-5, "pooled");
     } finally {
       teacher.destroy();
     }

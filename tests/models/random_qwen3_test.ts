@@ -8,7 +8,7 @@ import {
   type RandomQwen3Sizes,
   writeRandomQwen3,
 } from "../../src/models/random_qwen3.ts";
-import { testGpu } from "../helpers.ts";
+import { testGpu, withTempDir } from "../helpers.ts";
 
 const FIXTURE_CONFIG = new URL("../fixtures/qwen3/config.json", import.meta.url).pathname;
 
@@ -21,15 +21,6 @@ const TINY: RandomQwen3Sizes = {
   intermediateSize: 64,
   vocabSize: 1000,
 };
-
-async function withTempDir(run: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "random-qwen3-" });
-  try {
-    await run(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
 
 function meanStd(values: Float32Array): { mean: number; std: number } {
   let sum = 0;

@@ -8,18 +8,12 @@ import {
   f32ArrayToF16,
 } from "../../src/io/dtype.ts";
 import { matmul, type MatmulOptions, type MatmulTiling } from "../../src/ops/matmul.ts";
-import { matmulRef } from "../../src/ops/matmul_ref.ts";
+import { matmulRef, type MatmulRefShape } from "../../src/ops/matmul_ref.ts";
 import { assertNmse, randn, testGpu } from "../helpers.ts";
 
-interface Case {
+/** A product's shape and layouts (as matmulRef takes them), with what the GPU run adds. */
+interface Case extends Omit<MatmulRefShape, "bias"> {
   what: string;
-  m: number;
-  n: number;
-  k: number;
-  batch?: number;
-  batchedW?: boolean;
-  transposeX?: boolean;
-  transposeW?: boolean;
   bias?: boolean;
   wType?: "f32" | "f16" | "bf16";
   /** x's shape when it is not the plain [M, K] / [K, M] / [B, ., .] one. */

@@ -8,7 +8,7 @@ import {
 } from "../../src/text/clip_tokenizer.ts";
 import { readPromptSample } from "./prompt_sample.ts";
 
-const FOLDER = new URL("../fixtures/clip-tokenizer/", import.meta.url).pathname;
+const FOLDER = new URL("../../data/clip-tokenizer/", import.meta.url).pathname;
 const BOS = 49406;
 const EOS = 49407;
 

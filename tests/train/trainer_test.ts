@@ -131,16 +131,21 @@ Deno.test("train: a run SIGKILLed mid-way and resumed ends byte-identical to an 
   const script = new URL("./train_process.ts", import.meta.url).pathname;
   const config = new URL("../../deno.json", import.meta.url).pathname;
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--config", config, "-A", script, JSON.stringify(killed), "200"],
+    args: ["run", "--config", config, "-A", script, JSON.stringify(killed), "300"],
     stdout: "null",
     stderr: "piped",
   }).spawn();
-  const latest = join(killed.out, "checkpoints", "latest.json");
   let exited = false;
   child.status.then(() => (exited = true));
-  for (;;) {
-    if (await Deno.stat(latest).then(() => true, () => false)) break;
-    if (exited) break;
+  // Kill once a step past the first checkpoint is logged: the child then blocks for 300 ms
+  // before its next evaluation or checkpoint, so the log runs ahead of the checkpoint.
+  const pastCheckpoint = async () => {
+    const saved = await readLatestCheckpoint(killed.out).catch(() => undefined);
+    if (!saved) return false;
+    const records = await readMetrics(killed.out);
+    return records.some((r) => r.type === "step" && r.step > saved.step);
+  };
+  while (!exited && !(await pastCheckpoint())) {
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
   if (!exited) child.kill("SIGKILL");
@@ -148,8 +153,9 @@ Deno.test("train: a run SIGKILLed mid-way and resumed ends byte-identical to an 
   const stderr = await new Response(child.stderr).text();
   assert.equal(status.signal, "SIGKILL", `the child ended by itself: ${stderr}`);
   const stopped = await readLatestCheckpoint(killed.out);
-  console.log("DEBUG", stopped, (await readMetrics(killed.out)).map((r) => r.type + (r.type === "run" ? "" : r.step)).join(" "));
   assert.ok(stopped && stopped.step < 8, `killed after step ${stopped?.step}`);
+  const logged = (await readMetrics(killed.out)).filter((r) => r.type === "step").length;
+  assert.ok(logged > stopped.step, "the log ran ahead of the checkpoint: resume must cut it");
   await assert.rejects(() => Deno.stat(join(killed.out, "adapter")), Deno.errors.NotFound);
 
   const lines: string[] = [];
@@ -225,6 +231,22 @@ Deno.test("train: a NaN in the cache stops training with the shard and row named
   );
 });
 
+Deno.test("train: a diverging run stops at the first non-finite loss, logged", async () => {
+  await setup();
+  const gpu = await testGpu();
+  const opts = options("diverge", { maxSteps: 6, lr: { resampler: 1e30, lora: 1e30 } });
+  await rejectsWith(
+    () => train(opts, { gpu, log: () => {} }),
+    "training diverged at step",
+    "Start a new run with lower learning rates",
+  );
+  const last = (await readMetrics(opts.out)).findLast((r) => r.type === "step")!;
+  assert.ok(
+    last.type === "step" && !Number.isFinite(last.loss),
+    `last loss ${JSON.stringify(last)}`,
+  );
+});
+
 Deno.test("train: bad models, LoRA targets and batch sizes are refused before the weights load", async () => {
   await setup();
   const gpu = await testGpu();
@@ -269,7 +291,7 @@ Deno.test("train: bad models, LoRA targets and batch sizes are refused before th
   );
 });
 
-Deno.test("train: micro-batches accumulate to the whole batch's trajectory", async () => {
+Deno.test("train: micro-batches follow the whole batch; gradient checkpointing changes no bit", async () => {
   await setup();
   const gpu = await testGpu();
   const extra = { maxSteps: 4, lora: { dropout: 0, r: 4, alpha: 8 }, checkpointEvery: 0 };
@@ -283,6 +305,10 @@ Deno.test("train: micro-batches accumulate to the whole batch's trajectory", asy
   );
   const [x, y] = [whole.evalAfter!.loss, split.evalAfter!.loss];
   assert.ok(Math.abs(x - y) < 1e-4 * x, `held-out ${x} vs ${y}`);
+  // Recomputing activations repeats the same arithmetic: the same parameters, bit for bit.
+  const recomputed = options("recomputed", { ...extra, gradientCheckpointing: true });
+  await train(recomputed, { gpu, log: () => {} });
+  await assertSameFiles(join(recomputed.out, "adapter"), whole.adapterDir);
 });
 
 Deno.test("train: batch options, held-out fallback, data order and evaluation sums", () => {

@@ -1,0 +1,93 @@
+import assert from "node:assert/strict";
+import { UsageError } from "../../src/cli/args.ts";
+import {
+  parseTrainArgs,
+  TRAIN_HELP,
+  TRAIN_OPTIONS,
+  trainProgressLine,
+} from "../../src/cli/train.ts";
+import { resolveTrainConfig } from "../../src/train/trainer.ts";
+
+const REQUIRED = ["--cache", "cache/c", "--qwen", "models/q", "--out", "runs/r"];
+
+Deno.test("train CLI: --help lists every option with an example", () => {
+  for (const flag of Object.keys(TRAIN_OPTIONS)) {
+    assert.ok(TRAIN_HELP.includes(`--${flag}`), `--${flag} is not in the help`);
+  }
+  assert.match(TRAIN_HELP, /deno task train --cache \S+ --qwen models\/Qwen3-4B --out runs\//);
+  assert.match(TRAIN_HELP, /--allow-write=<out>/);
+  assert.equal(parseTrainArgs(["--help"]), undefined);
+});
+
+Deno.test("train CLI: flags become options; defaults are the trainer's", () => {
+  const options = parseTrainArgs([
+    ...REQUIRED,
+    "--batch-size",
+    "16",
+    "--micro-batch",
+    "6",
+    "--lr-lora",
+    "1e-4",
+    "--lora-targets",
+    "q_proj, v_proj",
+    "--prompt-mode",
+    "raw",
+    "--no-gradient-checkpointing",
+    "--resume",
+  ])!;
+  const config = resolveTrainConfig(options);
+  assert.deepEqual(config.microBatches, [6, 5, 5]);
+  assert.deepEqual(config.lr, { resampler: 1e-4, lora: 1e-4 });
+  assert.deepEqual(config.lora, {
+    r: 16,
+    alpha: 32,
+    dropout: 0.05,
+    targetModules: ["q_proj", "v_proj"],
+  });
+  assert.deepEqual(config.prompt, { mode: "raw", maxTokens: 256 });
+  assert.deepEqual(config.resampler, { dim: 2048, depth: 4, heads: 16, dimHead: 128, ffMult: 4 });
+  assert.equal(config.gradientCheckpointing, false);
+  assert.equal(config.resume, true);
+  assert.equal(resolveTrainConfig(parseTrainArgs(REQUIRED)!).gradientCheckpointing, "auto");
+});
+
+Deno.test("train CLI: bad command lines are usage errors naming the flag", () => {
+  const cases: Array<[string[], RegExp]> = [
+    [["--cache", "c", "--qwen", "q"], /--out <folder> is required/],
+    [[...REQUIRED, "--batch-size", "0"], /--batch-size "0" is not an integer >= 1/],
+    [[...REQUIRED, "--lr-lora", "fast"], /--lr-lora "fast" is not a number/],
+    [[...REQUIRED, "--prompt-mode", "json"], /--prompt-mode "json": expected chat or raw/],
+    [
+      [...REQUIRED, "--gradient-checkpointing", "--no-gradient-checkpointing"],
+      /not both/,
+    ],
+    [[...REQUIRED, "--steps", "3"], /train: Unknown option '--steps'/],
+  ];
+  for (const [args, message] of cases) {
+    assert.throws(
+      () => parseTrainArgs(args),
+      (e: Error) => e instanceof UsageError && message.test(e.message),
+    );
+  }
+});
+
+Deno.test("train CLI: a progress line has step, loss, rate and ETA", () => {
+  const line = trainProgressLine({
+    step: 120,
+    totalSteps: 5000,
+    epoch: 0,
+    epochs: 2,
+    loss: 0.43214,
+    lossSeq: 0.41,
+    lossPooled: 0.02214,
+    lr: { resampler: 9.9e-5, lora: 1.98e-5 },
+    samplesPerSecond: 12.34,
+    elapsedSeconds: 155,
+    etaSeconds: 3725,
+  });
+  assert.equal(
+    line,
+    "train: step 120/5000 (2.4%), epoch 1/2, loss 0.4321 (seq 0.4100, pooled 0.02214), " +
+      "lr 9.90e-5, 12.3 samples/s, ETA 1h02m",
+  );
+});
