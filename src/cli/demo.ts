@@ -52,10 +52,10 @@ const DEMO_STUDENT = {
 
 const HELP = `distill demo: the whole pipeline on tiny random models, in a few minutes on a CPU.
 
-Usage: deno task demo [--out demo-out] [--steps N]
+Usage: deno task demo [--out demo-out] [--steps N] [--limit N]
 
 It writes a tiny random SDXL teacher and a tiny random Qwen3 student (with the real CLIP and
-Qwen3 tokenizers), caches the teacher's targets for ${"a few hundred"} real prompts
+Qwen3 tokenizers), caches the teacher's targets for 256 real prompts
 (data/prompts/demo_prompts.txt), trains LoRA + resampler, reports held-out loss before and
 after, encodes a prompt and writes:
   <out>/conditioning.safetensors   prompt_embeds [1, 77, 2048], pooled_prompt_embeds [1, 1280]
@@ -66,6 +66,7 @@ The models are random: the numbers show the pipeline works, not what a trained s
 Options:
   --out <folder>   output folder (default demo-out; replaced on each run)
   --steps <n>      optimizer steps (default 40)
+  --limit <n>      use only the first n prompts (default: all 256)
   -h, --help       show this help`;
 
 function fmt(e: EvalResult | null): string {
@@ -99,9 +100,15 @@ export interface DemoResult {
   report: string;
 }
 
+export interface DemoOptions {
+  out: string;
+  steps: number;
+  /** Only the first n prompts (default: all 256). */
+  limit?: number;
+}
+
 export async function runDemo(
-  out: string,
-  steps: number,
+  { out, steps, limit }: DemoOptions,
   log: (line: string) => void = (line) => console.log(line),
 ): Promise<DemoResult> {
   const started = performance.now();
@@ -128,7 +135,7 @@ export async function runDemo(
     const cache = join(out, "cache");
     log(`[3/5] caching the teacher's targets for the prompts in data/prompts/demo_prompts.txt`);
     const manifest = await runCache(
-      { data: PROMPTS.pathname, format: "lines", out: cache, batchSize: 16 },
+      { data: PROMPTS.pathname, format: "lines", out: cache, batchSize: 16, limit },
       () => loadSdxlTeacher(gpu, sdxl),
       (line) => log(`      ${line}`),
     );
@@ -198,12 +205,20 @@ export const demoCommand: Command = {
     const { values } = parseCommandArgs("demo", args, {
       out: { type: "string" },
       steps: { type: "string" },
+      limit: { type: "string" },
     });
     if (values.help) return console.log(HELP);
-    const steps = values.steps === undefined ? 40 : Number(values.steps);
-    if (!Number.isInteger(steps) || steps < 1) {
-      throw new UsageError("demo: --steps must be a positive integer");
-    }
-    await runDemo(values.out ?? "demo-out", steps);
+    const count = (name: string, value: string | undefined) => {
+      const n = Number(value);
+      if (!Number.isInteger(n) || n < 1) {
+        throw new UsageError(`demo: ${name} must be a positive integer`);
+      }
+      return n;
+    };
+    await runDemo({
+      out: values.out ?? "demo-out",
+      steps: values.steps === undefined ? 40 : count("--steps", values.steps),
+      limit: values.limit === undefined ? undefined : count("--limit", values.limit),
+    });
   },
 };

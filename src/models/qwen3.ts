@@ -50,7 +50,7 @@ const ropeTables = new WeakMap<Qwen3Weights, RopeTable>();
 
 /** Uploads what a batch needs once (each upload submits pending work). */
 export function qwen3Context(gpu: Gpu, w: Qwen3Weights, batch: TokenBatch): Qwen3Context {
-  checkBatch(w, batch);
+  checkBatch(batch);
   let table = ropeTables.get(w);
   if (!table || table.maxPositions < batch.seqLen) {
     table?.cosSin.destroy();
@@ -65,7 +65,7 @@ export function qwen3Context(gpu: Gpu, w: Qwen3Weights, batch: TokenBatch): Qwen
   return { batch, rope: table, keyLengths };
 }
 
-function checkBatch(w: Qwen3Weights, b: TokenBatch): void {
+function checkBatch(b: TokenBatch): void {
   if (b.ids.length !== b.batch * b.seqLen || b.lengths.length !== b.batch) {
     throw new Error(
       `token batch: ${b.ids.length} ids and ${b.lengths.length} lengths for ` +

@@ -1,6 +1,6 @@
 import type { Gpu } from "../gpu/device.ts";
 import type { DType, Tensor } from "../gpu/tensor.ts";
-import { type ModelFolder } from "../io/hf.ts";
+import type { ModelFolder } from "../io/hf.ts";
 import { type LinearName, type LinearShapes, QWEN3_LINEARS } from "./lora.ts";
 import { nf4Quantize } from "./nf4.ts";
 import { type Nf4Weight, uploadNf4Weight } from "../ops/nf4_matmul.ts";

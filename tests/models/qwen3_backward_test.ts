@@ -50,7 +50,7 @@ Deno.test("Qwen3 LoRA gradients agree with finite differences, with and without 
     return s;
   };
 
-  const gradsFor = async (checkpoint: boolean) => {
+  const gradsFor = (checkpoint: boolean) => {
     const grads: LoraGrads = new Map();
     for (const [slot, pair] of lora.pairs) {
       grads.set(slot, {
@@ -68,8 +68,8 @@ Deno.test("Qwen3 LoRA gradients agree with finite differences, with and without 
     return grads;
   };
 
-  const full = await gradsFor(false);
-  const ckpt = await gradsFor(true);
+  const full = gradsFor(false);
+  const ckpt = gradsFor(true);
   const probes: Array<[number, "q_proj" | "v_proj" | "o_proj", "a" | "b", number]> = [
     [0, "q_proj", "a", 5],
     [0, "v_proj", "b", 17],

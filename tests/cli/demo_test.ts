@@ -1,0 +1,33 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { runDemo } from "../../src/cli/demo.ts";
+import { SafetensorsFile } from "../../src/io/safetensors.ts";
+
+/** The demo on a cut (fewer prompts and steps than `deno task demo`), checking what it writes. */
+Deno.test("demo: held-out loss falls and the conditioning file has the four SDXL tensors", async () => {
+  const out = join(await Deno.makeTempDir({ prefix: "distill-demo-" }), "demo-out");
+  const lines: string[] = [];
+  const result = await runDemo({ out, steps: 12, limit: 64 }, (line) => lines.push(line));
+  assert.ok(result.evalBefore && result.evalAfter);
+  assert.ok(
+    result.evalAfter.loss < 0.7 * result.evalBefore.loss,
+    `held-out loss ${result.evalBefore.loss} -> ${result.evalAfter.loss}`,
+  );
+  assert.ok(lines.some((l) => /tiny RANDOM models/.test(l)), "the demo says its models are random");
+  const file = await SafetensorsFile.open(result.conditioning);
+  const shapes = Object.fromEntries(file.names().map((n) => [n, file.info(n).shape]));
+  assert.deepEqual(shapes, {
+    prompt_embeds: [1, 77, 2048],
+    pooled_prompt_embeds: [1, 1280],
+    negative_prompt_embeds: [1, 77, 2048],
+    negative_pooled_prompt_embeds: [1, 1280],
+  });
+  assert.ok((await file.readF32("prompt_embeds")).every(Number.isFinite));
+  file.close();
+  const report = await Deno.readTextFile(result.report);
+  assert.match(report, /<svg/);
+  await assert.rejects(
+    runDemo({ out: join(out, "models"), steps: 1 }, () => {}),
+    /was not made by the demo/,
+  );
+});
