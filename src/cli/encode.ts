@@ -101,7 +101,7 @@ export async function adapterId(dir: string): Promise<string> {
   return hash.digest("hex").slice(0, 16);
 }
 
-interface EncodedFile {
+export interface EncodedFile {
   positive: Conditioning;
   negative: Conditioning | null;
   metadata: Record<string, string>;

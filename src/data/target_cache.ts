@@ -32,7 +32,7 @@ export class CacheError extends Error {
   override name = "CacheError";
 }
 
-type JsonScalar = string | number | boolean;
+export type JsonScalar = string | number | boolean;
 
 /** What computes targets. The CLI gets one from `loadSdxlTeacher`; tests use a fake. */
 export interface Teacher {

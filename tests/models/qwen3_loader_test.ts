@@ -1,0 +1,125 @@
+import { join } from "node:path";
+import { ModelFolder } from "../../src/io/hf.ts";
+import { SafetensorsFile, writeSafetensors } from "../../src/io/safetensors.ts";
+import { writeRandomQwen3 } from "../../src/models/random_qwen3.ts";
+import { loadQwen3Weights } from "../../src/models/qwen3_weights.ts";
+import { loadQwenTokenizer } from "../../src/text/qwen_tokenizer.ts";
+import { rejectsWith, testGpu, withTempDir } from "../helpers.ts";
+
+const SIZES = {
+  hiddenSize: 16,
+  numLayers: 2,
+  numHeads: 2,
+  numKvHeads: 1,
+  headDim: 8,
+  intermediateSize: 24,
+  vocabSize: 64,
+};
+
+async function load(dir: string) {
+  return loadQwen3Weights(await testGpu(), await ModelFolder.open(dir));
+}
+
+/** Rewrites the single weights file through `edit` (which may drop, add or replace tensors). */
+async function editWeights(
+  dir: string,
+  edit: (
+    tensors: Array<{ name: string; dtype: "F32"; shape: number[]; data: Float32Array }>,
+  ) => void,
+) {
+  const path = join(dir, "model.safetensors");
+  const file = await SafetensorsFile.open(path);
+  const tensors = [];
+  for (const name of file.names()) {
+    tensors.push({
+      name,
+      dtype: "F32" as const,
+      shape: file.info(name).shape,
+      data: await file.readF32(name),
+    });
+  }
+  file.close();
+  edit(tensors);
+  await writeSafetensors(path, tensors);
+}
+
+Deno.test("Qwen3 loader: a missing config key names config.json and the key", async () => {
+  await withTempDir(async (dir) => {
+    await writeRandomQwen3(dir, SIZES, { seed: 1 });
+    const config = JSON.parse(await Deno.readTextFile(join(dir, "config.json")));
+    delete config.intermediate_size;
+    await Deno.writeTextFile(join(dir, "config.json"), JSON.stringify(config));
+    await rejectsWith(() => load(dir), "config.json", "intermediate_size");
+  });
+});
+
+Deno.test("Qwen3 loader: missing, extra and misshapen tensors name the tensor, file and config", async () => {
+  await withTempDir(async (dir) => {
+    await writeRandomQwen3(dir, SIZES, { seed: 1 });
+    await editWeights(
+      dir,
+      (t) => t.splice(t.findIndex((x) => x.name.endsWith("1.self_attn.k_proj.weight")), 1),
+    );
+    await rejectsWith(
+      () => load(dir),
+      "model.layers.1.self_attn.k_proj.weight' is missing",
+      "num_hidden_layers 2",
+    );
+  });
+  await withTempDir(async (dir) => {
+    await writeRandomQwen3(dir, SIZES, { seed: 1 });
+    await editWeights(
+      dir,
+      (t) =>
+        t.push({
+          name: "model.layers.2.mlp.up_proj.weight",
+          dtype: "F32",
+          shape: [24, 16],
+          data: new Float32Array(384),
+        }),
+    );
+    await rejectsWith(
+      () => load(dir),
+      "unexpected tensor 'model.layers.2.mlp.up_proj.weight'",
+      "2 layers",
+    );
+  });
+  await withTempDir(async (dir) => {
+    await writeRandomQwen3(dir, SIZES, { seed: 1 });
+    await editWeights(dir, (t) => {
+      const i = t.findIndex((x) => x.name === "model.layers.0.mlp.gate_proj.weight");
+      t[i] = { ...t[i], shape: [20, 16], data: new Float32Array(320) };
+    });
+    await rejectsWith(
+      () => load(dir),
+      "model.layers.0.mlp.gate_proj.weight' has shape [20,16]",
+      "implies [24,16]",
+      "the config and the weights disagree",
+    );
+  });
+});
+
+Deno.test("Qwen3 loader: lm_head is accepted and never read", async () => {
+  await withTempDir(async (dir) => {
+    await writeRandomQwen3(dir, SIZES, { seed: 1 });
+    await editWeights(
+      dir,
+      (t) =>
+        t.push({
+          name: "lm_head.weight",
+          dtype: "F32",
+          shape: [64, 16],
+          data: new Float32Array(1024),
+        }),
+    );
+    const w = await load(dir);
+    if (w.layers.length !== 2) throw new Error("expected 2 layers");
+  });
+});
+
+Deno.test("Qwen3 tokenizer files missing from a model folder are named", async () => {
+  await withTempDir(async (dir) => {
+    await writeRandomQwen3(dir, SIZES, { seed: 1 });
+    await rejectsWith(() => loadQwenTokenizer(dir), "tokenizer.json");
+  });
+});
