@@ -3,25 +3,57 @@
  * Resampler) distilled from SDXL's two CLIP text encoders, with every kernel in WGSL
  * running on Deno's WebGPU.
  *
- * Used as a library, this module exports the GPU runtime and the ops; run as a program
- * it is the `distill` command line (`deno run mod.ts --help`).
+ * Run as a program, this module is the `distill` command line (`deno run mod.ts --help`).
+ * Used as a library, it exports each stage of the pipeline:
+ *
+ * - runtime: {@linkcode Gpu} (a WebGPU device with a buffer pool and pipeline cache) and
+ *   {@linkcode Tensor};
+ * - encode: {@linkcode loadStudent} + {@linkcode encodePrompts} turn prompts into SDXL
+ *   conditioning with a trained adapter; {@linkcode runEncode} also writes the file;
+ * - cache: {@linkcode runCache} / {@linkcode buildTargetCache} compute the SDXL teacher's
+ *   targets for a caption data set, {@linkcode openTargetCache} reads them back;
+ * - train: {@linkcode train} distils the student from a target cache into an adapter folder;
+ * - CLI: {@linkcode main} runs a command line and returns its exit code.
+ *
+ * Encoding prompts with a trained adapter (the Qwen3 folder it was trained on, and the
+ * `adapter/` folder `train` wrote):
+ *
+ * ```ts
+ * import { destroyStudent, encodePrompts, Gpu, loadStudent } from "@distill/cli";
+ *
+ * const gpu = await Gpu.create();
+ * const student = await loadStudent(gpu, "models/Qwen3-4B", "runs/qwen3-4b-coco/adapter");
+ * try {
+ *   const conditioning = await encodePrompts(gpu, student, ["a red cube on a blue sphere"]);
+ *   // prompt_embeds [1, 77, 2048] and pooled_prompt_embeds [1, 1280], row-major f32.
+ *   const { promptEmbeds, pooled, seqLen, seqDim } = conditioning;
+ *   console.log(seqLen, seqDim, promptEmbeds.length, pooled.length);
+ * } finally {
+ *   destroyStudent(student);
+ *   gpu.destroy();
+ * }
+ * ```
  *
  * @module
  */
 
+// Runtime: the WebGPU device, tensors and what a kernel dispatch is made of.
 export {
   type Dispatch,
   f32,
+  F32Param,
   Gpu,
   type GpuFeatures,
   type GpuOptions,
   grid1d,
   type HostArray,
   type Kernel,
+  type ParamValue,
 } from "./src/gpu/device.ts";
 export { type DType, Tensor } from "./src/gpu/tensor.ts";
 export { type AdapterReport, adapterReport } from "./src/cli/info.ts";
 
+// Encode: a trained student turns prompts into SDXL conditioning; these are its parts.
 export {
   type Conditioning,
   destroyStudent,
@@ -30,10 +62,33 @@ export {
   type LoadStudentOptions,
   type Student,
 } from "./src/models/student.ts";
-export { QwenTokenizer } from "./src/text/qwen_tokenizer.ts";
-export { type Qwen3Config, type Qwen3Weights } from "./src/models/qwen3_weights.ts";
-export { type LoraAdapter, type LoraConfig } from "./src/models/lora.ts";
-export { type ResamplerWeights } from "./src/models/resampler.ts";
+export {
+  type QwenBatchEncoding,
+  type QwenEncodeOptions,
+  type QwenEncoding,
+  type QwenPromptMode,
+  QwenTokenizer,
+} from "./src/text/qwen_tokenizer.ts";
+export {
+  type ClipBatchEncoding,
+  type ClipEncoding,
+  ClipTokenizer,
+} from "./src/text/clip_tokenizer.ts";
+export { type Nf4Weight } from "./src/ops/nf4_matmul.ts";
+export {
+  type FrozenLinear,
+  type Qwen3Config,
+  type Qwen3Layer,
+  type Qwen3Weights,
+} from "./src/models/qwen3_weights.ts";
+export {
+  type LinearName,
+  type LoraAdapter,
+  type LoraConfig,
+  type LoraPair,
+  QWEN3_LINEARS,
+} from "./src/models/lora.ts";
+export { type ResamplerConfig, type ResamplerWeights } from "./src/models/resampler.ts";
 export {
   type EncodedFile,
   type EncodeOptions,
@@ -42,6 +97,7 @@ export {
   writeConditioning,
 } from "./src/cli/encode.ts";
 
+// Cache: the SDXL teacher's targets for a caption data set.
 export { type CacheOptions, runCache, type TeacherSource } from "./src/cli/cache.ts";
 export {
   buildTargetCache,
@@ -49,7 +105,9 @@ export {
   CACHE_FORMAT,
   CACHE_VERSION,
   type CacheManifest,
+  type CacheProgress,
   type CacheShardEntry,
+  type CacheVerifyReport,
   type CacheWorker,
   type JsonScalar,
   mergeCacheManifests,
@@ -66,15 +124,18 @@ export {
   type SdxlTeacher,
 } from "./src/models/sdxl_teacher.ts";
 export {
+  CAPTION_FORMATS,
   type CaptionFormat,
   type CaptionRow,
   type CaptionSet,
   readCaptions,
   readCaptionSet,
   type ReadCaptionsOptions,
+  type SkipCounts,
   type SprightChoice,
 } from "./src/data/captions.ts";
 
+// Train: distil the student from a target cache into an adapter folder.
 export {
   type EvalResult,
   type ResamplerShape,
@@ -93,6 +154,7 @@ export {
   type TrainedAdapter,
 } from "./src/train/adapter.ts";
 
+// The command line: `main(args)` runs one command and resolves to its exit code.
 import { main } from "./src/cli/main.ts";
 export { main };
 

@@ -72,17 +72,27 @@ Permissions: the 'cache' task may read any file, write only under ./cache and re
 To write elsewhere, widen the write permission to that folder alone:
   deno run --allow-read --allow-write=<out> --allow-env scripts/cache.ts --out <out> ...`;
 
+/** What `runCache` reads and where it writes; mirrors the `cache` command's flags. */
 export interface CacheOptions {
+  /** Caption file or folder (formats: datasets.md). */
   data: string;
+  /** Data set format; detected from the files when absent. */
   format?: CaptionFormat;
+  /** Record field or column holding the caption; default caption, text, prompt or prompts. */
   captionField?: string;
+  /** Which SPRIGHT caption(s) to take from each sample. */
   spright?: SprightChoice;
+  /** Drop captions equal to an earlier one. */
   dedupe?: boolean;
+  /** Cache only the first this many captions (after `dedupe`). */
   limit?: number;
+  /** The cache folder; created if missing, resumed if it holds this teacher's cache. */
   out: string;
+  /** Captions per teacher call. */
   batchSize: number;
   /** Undefined: the resumed cache's value, else the default. */
   rowsPerShard?: number;
+  /** Compute only this worker's share of the shards (several machines, one data set). */
   worker?: CacheWorker;
 }
 

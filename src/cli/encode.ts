@@ -45,14 +45,26 @@ Permissions: the 'encode' task reads any file and writes only the --out file's f
 the current directory; to write elsewhere run
   deno run --allow-read --allow-write=<folder> --allow-env mod.ts encode ...`;
 
+/** What `runEncode` encodes and where it writes it; mirrors the `encode` command's flags. */
 export interface EncodeOptions {
+  /** The Qwen3 model folder the adapter was trained on (Hugging Face layout). */
   qwen: string;
+  /** The adapter folder training wrote (`<out>/adapter`). */
   adapter: string;
+  /** Prompts to encode, one output row each, in order. */
   prompts: string[];
+  /**
+   * Negative prompt, encoded once and repeated for every row; absent: zero tensors, as
+   * diffusers' SDXL pipeline uses by default.
+   */
   negative?: string;
+  /** Output file path. */
   out: string;
+  /** Output file format. */
   format: "safetensors" | "json";
+  /** Element type of the safetensors tensors (JSON always holds the f32 values). */
   dtype: "f16" | "f32";
+  /** Prompts per GPU pass: larger is faster and takes more GPU memory. */
   batchSize: number;
 }
 
@@ -101,9 +113,13 @@ export async function adapterId(dir: string): Promise<string> {
   return hash.digest("hex").slice(0, 16);
 }
 
+/** What `runEncode` wrote: the conditioning and the file's metadata. */
 export interface EncodedFile {
+  /** The prompts' conditioning. */
   positive: Conditioning;
+  /** The negative prompt's conditioning (one row), or null when the negative tensors are zeros. */
   negative: Conditioning | null;
+  /** String metadata stored with the tensors: adapter id, prompt mode, token counts, truncation. */
   metadata: Record<string, string>;
 }
 

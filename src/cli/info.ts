@@ -24,13 +24,21 @@ const LIMITS = [
   "minUniformBufferOffsetAlignment",
 ] as const;
 
+/** A WebGPU adapter's identity, backend, optional features and the limits distill cares about. */
 export interface AdapterReport {
+  /** Human-readable adapter name (falls back to the device name). */
   description: string;
+  /** GPU vendor as WebGPU reports it (may be empty). */
   vendor: string;
+  /** GPU architecture as WebGPU reports it (may be empty). */
   architecture: string;
+  /** True for a software adapter (such as lavapipe), which is much slower than a GPU. */
   isFallbackAdapter: boolean;
+  /** The `DENO_WEBGPU_BACKEND` override, or the platform default. */
   backend: string;
+  /** The optional features in use (see `GpuFeatures`). */
   features: Record<string, boolean>;
+  /** The WebGPU limits that bound tensor and workgroup sizes, by their WebGPU name. */
   limits: Record<string, number>;
 }
 

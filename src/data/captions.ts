@@ -28,6 +28,7 @@ import { readWebDatasetShard } from "./webdataset.ts";
 
 export { type CaptionRow, DataError, type SkipCounts, SPRIGHT_CHOICES, type SprightChoice };
 
+/** The data set formats `readCaptions` understands (datasets.md describes each). */
 export const CAPTION_FORMATS = [
   "kohya",
   "lines",
@@ -38,8 +39,10 @@ export const CAPTION_FORMATS = [
   "webdataset",
   "parquet",
 ] as const;
+/** One of `CAPTION_FORMATS`. */
 export type CaptionFormat = typeof CAPTION_FORMATS[number];
 
+/** How to read a data set; every field is optional. */
 export interface ReadCaptionsOptions {
   /** Skips detection; required when a folder's content fits more than one format. */
   format?: CaptionFormat;
@@ -51,11 +54,15 @@ export interface ReadCaptionsOptions {
   dedupe?: boolean;
 }
 
+/** A data set's captions with what was read, skipped and noted on the way. */
 export interface CaptionSet {
+  /** The format given or detected. */
   format: CaptionFormat;
   /** The files read, in reading order. */
   files: string[];
+  /** The captions in reading order. */
   rows: CaptionRow[];
+  /** Captions left out, by reason. */
   skipped: SkipCounts;
   /** Human-readable notes: skip counts with example ids, defaults taken, files without captions. */
   warnings: string[];

@@ -8,8 +8,11 @@ import { closestNames } from "../io/closest.ts";
 
 /** One caption. `id` is stable: the file path relative to the data root plus a line/key/row. */
 export interface CaptionRow {
+  /** Stable id: the file path relative to the data root plus a line, key or row number. */
   id: string;
+  /** The caption text, trimmed and never empty. */
   caption: string;
+  /** Path of the file the caption was read from. */
   source: string;
 }
 

@@ -18,7 +18,9 @@ import { decodeF32, f32ArrayToF16 } from "../io/dtype.ts";
 import { SafetensorsFile, type TensorInfo, writeSafetensors } from "../io/safetensors.ts";
 import { captionHash, type CaptionRow } from "./captions.ts";
 
+/** The `format` of a cache manifest; other values are refused. */
 export const CACHE_FORMAT = "distill-target-cache";
+/** The manifest `version` this code writes and reads. */
 export const CACHE_VERSION = 1;
 export const MANIFEST_FILE = "manifest.json";
 export const DEFAULT_ROWS_PER_SHARD = 256;
@@ -32,6 +34,7 @@ export class CacheError extends Error {
   override name = "CacheError";
 }
 
+/** A JSON value that is not an object, array or null: what settings records hold. */
 export type JsonScalar = string | number | boolean;
 
 /** What computes targets. The CLI gets one from `loadSdxlTeacher`; tests use a fake. */
@@ -55,20 +58,29 @@ export interface Teacher {
 
 /** The teacher as a manifest records and compares it (keys sorted, so equal teachers match). */
 export interface TeacherRecord {
+  /** See `Teacher.identity`. */
   identity: Record<string, string>;
+  /** See `Teacher.tokenizer`. */
   tokenizer: Record<string, JsonScalar>;
+  /** Tokens per sequence target. */
   seqLen: number;
+  /** Features per token of the sequence target. */
   seqDim: number;
+  /** Features of the pooled target. */
   pooledDim: number;
 }
 
 /** One finished shard file as a manifest lists it. */
 export interface CacheShardEntry {
+  /** Shard number, 0-based, in data set order. */
   index: number;
+  /** File name inside the cache folder. */
   file: string;
   /** Data set rows [start, end) held by the file. */
   rows: [number, number];
+  /** File size, checked before the hash. */
   bytes: number;
+  /** SHA-256 of the whole file, hex. */
   sha256: string;
   /** `rowListSha256` of the shard's rows: which captions it holds, in order. */
   rowsSha256: string;
@@ -76,21 +88,31 @@ export interface CacheShardEntry {
 
 /** Worker `index` of `count` computes the shards whose index is `index` mod `count`. */
 export interface CacheWorker {
+  /** This worker's number, 0-based, below `count`. */
   index: number;
+  /** How many workers split the shards. */
   count: number;
 }
 
+/** `manifest.json` of a target cache: which teacher, which rows, and the finished shards. */
 export interface CacheManifest {
+  /** Always `CACHE_FORMAT`: marks the folder as a target cache. */
   format: typeof CACHE_FORMAT;
+  /** Layout version; a different one is refused. */
   version: typeof CACHE_VERSION;
+  /** The teacher the targets came from; resuming with another teacher is refused. */
   teacher: TeacherRecord;
+  /** Element type of the stored targets. */
   dtype: "F16";
   /** How the rows were read (data path, format, options); recorded, never compared. */
   source: Record<string, JsonScalar>;
+  /** Number of captions in the data set (all workers together). */
   rows: number;
   /** `rowListSha256` of all rows: a resumed or merged run must read the same captions. */
   rowsSha256: string;
+  /** Rows per shard file (the last shard may hold fewer). */
   rowsPerShard: number;
+  /** Shards of the whole data set, listed or not. */
   shardCount: number;
   /** Present in a worker's `manifest.part-i-of-n.json` only. */
   worker?: CacheWorker;
@@ -100,26 +122,35 @@ export interface CacheManifest {
   shards: CacheShardEntry[];
 }
 
+/** Where a `buildTargetCache` run stands, as `onProgress` reports it. */
 export interface CacheProgress {
   /** Rows of this worker's shards that are finished, including ones found on disk. */
   rowsDone: number;
+  /** Rows of this worker's shards in all. */
   rowsTotal: number;
   /** Rows the teacher computed in this run. */
   rowsComputed: number;
+  /** This worker's shards that are finished, including ones found on disk. */
   shardsDone: number;
+  /** This worker's shards in all. */
   shardsTotal: number;
 }
 
+/** What `buildTargetCache` computes, with which teacher, into which folder. */
 export interface BuildTargetCacheOptions {
+  /** The cache folder; created if missing, resumed if it holds a cache of the same rows. */
   dir: string;
+  /** The captions, in data set order (as `readCaptions` returns them). */
   rows: readonly CaptionRow[];
   /** Recorded in the manifest to say where the rows came from. */
   source: Record<string, JsonScalar>;
+  /** Computes the targets; must match the teacher of a cache being resumed. */
   teacher: Teacher;
   /** Captions per `teacher.encode` call; batches never cross a shard. */
   batchSize: number;
   /** Undefined: the value of the cache being resumed, else `DEFAULT_ROWS_PER_SHARD`. */
   rowsPerShard?: number;
+  /** Compute only this worker's shards and write `manifest.part-i-of-n.json`. */
   worker?: CacheWorker;
   /** Called once after the finished shards are found, after every batch and at the end. */
   onProgress?: (progress: CacheProgress) => void;
@@ -857,9 +888,13 @@ export async function mergeCacheManifests(dir: string): Promise<CacheManifest> {
   return merged;
 }
 
+/** What `verifyCache` found; `ok` sums it up. */
 export interface CacheVerifyReport {
+  /** The cache folder checked. */
   dir: string;
+  /** Rows the manifest declares. */
   rows: number;
+  /** Shards the manifest declares. */
   shardCount: number;
   /** Shards whose files were read and checked. */
   shardsChecked: number;
@@ -976,7 +1011,9 @@ async function verifyShard(
 
 /** Decoded targets of some rows, in the order asked: seq [n, seqLen, seqDim], pooled [n, pooledDim]. */
 export interface TargetRows {
+  /** Sequence targets [n, seqLen, seqDim], row-major. */
   seq: Float32Array;
+  /** Pooled targets [n, pooledDim], row-major. */
   pooled: Float32Array;
 }
 
@@ -1004,9 +1041,13 @@ async function readAt(file: Deno.FsFile, path: string, position: number, length:
 
 /** A complete cache opened for training: row metadata in memory, targets read on demand. */
 export class TargetCache {
+  /** The cache folder. */
   readonly dir: string;
+  /** The parsed `manifest.json`. */
   readonly manifest: CacheManifest;
+  /** Every row's `CaptionRow.id`, in row order. */
   readonly ids: readonly string[];
+  /** Every row's caption text, in row order. */
   readonly captions: readonly string[];
   readonly #shards: OpenShard[];
 
@@ -1024,18 +1065,23 @@ export class TargetCache {
     this.captions = captions;
   }
 
+  /** Number of rows. */
   get rows(): number {
     return this.manifest.rows;
   }
+  /** Tokens per sequence target. */
   get seqLen(): number {
     return this.manifest.teacher.seqLen;
   }
+  /** Features per token of the sequence target. */
   get seqDim(): number {
     return this.manifest.teacher.seqDim;
   }
+  /** Features of the pooled target. */
   get pooledDim(): number {
     return this.manifest.teacher.pooledDim;
   }
+  /** The teacher the targets came from, as the manifest records it. */
   get teacher(): TeacherRecord {
     return this.manifest.teacher;
   }

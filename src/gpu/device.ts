@@ -11,16 +11,21 @@ export interface GpuFeatures {
   subgroups: boolean;
 }
 
+/** How `Gpu.create` picks the adapter and which optional features it may use. */
 export interface GpuOptions {
   /** Pretend an optional feature is missing, to exercise the fallback paths on any adapter. */
   disable?: Array<keyof GpuFeatures>;
+  /** Which adapter to ask WebGPU for; default `high-performance` (the discrete GPU on laptops). */
   powerPreference?: GPUPowerPreference;
 }
 
 /** A WGSL compute kernel. `name` must identify the code uniquely (it keys the pipeline cache). */
 export interface Kernel {
+  /** Label in errors and the pipeline cache key; two different codes must not share it. */
   name: string;
+  /** The WGSL source. */
   code: string;
+  /** Entry point to run; default `main`. */
   entry?: string;
   /** Values for WGSL `override` declarations; each distinct set is its own pipeline. */
   constants?: Record<string, number>;
@@ -28,12 +33,17 @@ export interface Kernel {
 
 /** A float parameter; plain numbers in `params` are written as u32 (or i32 when negative). */
 export class F32Param {
+  /** Wraps `value` so it is written as an f32 rather than an integer. */
   constructor(readonly value: number) {}
 }
+/** Marks a dispatch parameter as f32, e.g. `params: [n, f32(eps)]`. */
 export const f32 = (value: number): F32Param => new F32Param(value);
+/** One uniform parameter of a dispatch: an integer (u32, or i32 when negative) or an `f32(...)`. */
 export type ParamValue = number | F32Param;
 
+/** One kernel launch as `Gpu.dispatch` records it. */
 export interface Dispatch {
+  /** The kernel to run. */
   kernel: Kernel;
   /** Written to a uniform struct at @group(0) @binding(0) when present. */
   params?: readonly ParamValue[];
@@ -42,9 +52,11 @@ export interface Dispatch {
    * params). `null` skips a slot that this entry point does not use.
    */
   bindings: ReadonlyArray<Tensor | GPUBufferBinding | null>;
+  /** Workgroup counts on x, y and z (y and z default to 1); see `grid1d` for large 1-D grids. */
   workgroups: readonly [number, number?, number?];
 }
 
+/** CPU-side tensor data: Float32Array for f32, raw Uint16Array bits for f16/bf16, and so on. */
 export type HostArray = Float32Array | Uint16Array | Uint32Array | Int32Array | Uint8Array;
 
 /** How many workgroups on x and y cover `count` invocations of `workgroupSize` (x wraps at the limit). */
@@ -67,9 +79,13 @@ const NO_ADAPTER_HELP = "no WebGPU adapter found. On Linux without a GPU install
  * command encoder that records dispatches until `flush()` or a read submits them.
  */
 export class Gpu {
+  /** The underlying WebGPU device, for code that needs raw WebGPU calls. */
   readonly device: GPUDevice;
+  /** Vendor, architecture and description of the adapter the device came from. */
   readonly adapterInfo: GPUAdapterInfo;
+  /** Optional features that were both available and not disabled by `GpuOptions.disable`. */
   readonly features: GpuFeatures;
+  /** The device's limits: the adapter's own maxima, which `create` requests. */
   readonly limits: GPUSupportedLimits;
   readonly #pool: BufferPool;
   readonly #pipelines = new Map<string, { code: string; pipeline: GPUComputePipeline }>();
@@ -141,6 +157,10 @@ export class Gpu {
     return this.limits.maxStorageBufferBindingSize;
   }
 
+  /**
+   * Counters for benchmarks and leak checks: dispatches and submits so far, bytes idle in the
+   * buffer pool and bytes held by live tensors.
+   */
   get stats(): { dispatches: number; submits: number; pooledBytes: number; liveBytes: number } {
     return {
       dispatches: this.#dispatchCount,
@@ -150,6 +170,7 @@ export class Gpu {
     };
   }
 
+  /** Returns a tensor's buffer to the pool for reuse; `Tensor.destroy` calls this. */
   releaseBuffer(buffer: GPUBuffer): void {
     this.#pool.release(buffer);
   }
@@ -299,6 +320,7 @@ export class Gpu {
     });
   }
 
+  /** Downloads one tensor (submitting recorded work first); the array type follows its dtype. */
   async read(t: Tensor): Promise<HostArray> {
     return (await this.readAll([t]))[0];
   }
@@ -309,6 +331,7 @@ export class Gpu {
     return (await this.read(t)) as Float32Array;
   }
 
+  /** Frees the pooled buffers and the device; the `Gpu` and its tensors are unusable after. */
   destroy(): void {
     this.#pool.destroy();
     this.#uniforms.destroy();

@@ -33,12 +33,19 @@ export interface BufferOwner {
  */
 export class Tensor {
   #buffer: GPUBuffer | null;
+  /** Dimensions, outermost first. */
   readonly shape: readonly number[];
+  /** Element type of the buffer's contents. */
   readonly dtype: DType;
+  /** Label used in error messages and GPU debug labels. */
   readonly name: string;
   readonly #owner: BufferOwner;
   readonly #ownsBuffer: boolean;
 
+  /**
+   * Wraps an existing buffer; use `Gpu.empty`, `Gpu.upload` and friends rather than this.
+   * `ownsBuffer` false makes a view whose `destroy` leaves the buffer alone.
+   */
   constructor(
     owner: BufferOwner,
     buffer: GPUBuffer,
@@ -55,19 +62,23 @@ export class Tensor {
     this.name = name;
   }
 
+  /** The GPU buffer; throws once the tensor was destroyed. */
   get buffer(): GPUBuffer {
     if (!this.#buffer) throw new Error(`tensor '${this.name}' was used after destroy()`);
     return this.#buffer;
   }
 
+  /** Number of elements. */
   get size(): number {
     return numel(this.shape);
   }
 
+  /** Bytes the data takes, rounded up to a multiple of 4 as storage bindings require. */
   get byteLength(): number {
     return paddedByteLength(this.shape, this.dtype);
   }
 
+  /** Whether `destroy` was called (views report their own state, not the original's). */
   get destroyed(): boolean {
     return this.#buffer === null;
   }

@@ -15,12 +15,18 @@ export const QWEN3_LINEARS = {
   up_proj: "mlp.up_proj",
   down_proj: "mlp.down_proj",
 } as const;
+/** A Qwen3 decoder linear by PEFT's short name (`q_proj`, ..., `down_proj`). */
 export type LinearName = keyof typeof QWEN3_LINEARS;
 
+/** LoRA hyper-parameters, with PEFT's meaning (`r`, `lora_alpha`, ...). */
 export interface LoraConfig {
+  /** Rank of each low-rank update. */
   r: number;
+  /** Scale numerator: updates are multiplied by alpha / r. */
   alpha: number;
+  /** Dropout on the LoRA input during training, in [0, 1). */
   dropout: number;
+  /** The linears of every decoder layer that get an adapter. */
   targetModules: LinearName[];
 }
 
@@ -36,14 +42,19 @@ export type LinearShapes = Record<LinearName, { in: number; out: number }>;
 
 /** One adapted linear: y += scaling · (x Aᵀ) Bᵀ with A [r, in], B [out, r]. */
 export interface LoraPair {
+  /** Down-projection A [r, in], f32. */
   a: Tensor;
+  /** Up-projection B [out, r], f32. */
   b: Tensor;
 }
 
+/** LoRA weights on the GPU for every targeted linear of every layer. */
 export interface LoraAdapter {
+  /** The hyper-parameters the weights were made with. */
   config: LoraConfig;
   /** alpha / r, as PEFT uses it (no rsLoRA). */
   scaling: number;
+  /** Decoder layers of the base model the adapter covers. */
   numLayers: number;
   /** Keyed by `loraSlot(layer, module)`. */
   pairs: Map<string, LoraPair>;

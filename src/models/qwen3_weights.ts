@@ -7,14 +7,23 @@ import { type Nf4Weight, uploadNf4Weight } from "../ops/nf4_matmul.ts";
 
 /** The sizes a Qwen3 decoder needs, read from its config.json. */
 export interface Qwen3Config {
+  /** Width of the residual stream (`hidden_size`). */
   hiddenSize: number;
+  /** Decoder layers (`num_hidden_layers`). */
   numLayers: number;
+  /** Query heads (`num_attention_heads`). */
   numHeads: number;
+  /** Key/value heads (`num_key_value_heads`); query heads share them in groups. */
   numKvHeads: number;
+  /** Features per attention head (`head_dim`). */
   headDim: number;
+  /** Hidden width of the SwiGLU MLP (`intermediate_size`). */
   intermediateSize: number;
+  /** Rotary embedding base (`rope_theta`). */
   ropeTheta: number;
+  /** Epsilon of every RMSNorm (`rms_norm_eps`). */
   rmsNormEps: number;
+  /** Rows of the embedding table (`vocab_size`). */
   vocabSize: number;
 }
 
@@ -70,19 +79,29 @@ export function qwen3LinearShapes(c: Qwen3Config): LinearShapes {
 /** A frozen decoder linear: NF4 for the student, or f32 for full-precision reference runs. */
 export type FrozenLinear = { kind: "nf4"; weight: Nf4Weight } | { kind: "f32"; weight: Tensor };
 
+/** One decoder layer's frozen weights on the GPU. */
 export interface Qwen3Layer {
+  /** RMSNorm weight before attention (`input_layernorm`). */
   inputNorm: Tensor;
+  /** RMSNorm weight before the MLP (`post_attention_layernorm`). */
   postNorm: Tensor;
+  /** Per-head RMSNorm weight on queries (`self_attn.q_norm`). */
   qNorm: Tensor;
+  /** Per-head RMSNorm weight on keys (`self_attn.k_norm`). */
   kNorm: Tensor;
+  /** The attention and MLP projections. */
   linears: Record<LinearName, FrozenLinear>;
 }
 
+/** A Qwen3 decoder's frozen weights on the GPU, as the student encoder runs them. */
 export interface Qwen3Weights {
+  /** The sizes read from config.json. */
   config: Qwen3Config;
   /** [vocab, hidden] in the checkpoint's own dtype, gathered row by row (may exceed one binding). */
   embed: Tensor;
+  /** Decoder layers, first to last. */
   layers: Qwen3Layer[];
+  /** Final RMSNorm weight (`model.norm`). */
   norm: Tensor;
   /** Bytes of GPU memory the weights take. */
   gpuBytes: number;

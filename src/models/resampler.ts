@@ -43,16 +43,25 @@ export const RESAMPLER_WEIGHTS_FILE = "resampler.safetensors";
 /** All LayerNorms of the resampler use this eps. */
 const LN_EPS = 1e-5;
 
+/** Sizes of a Perceiver Resampler (SPEC section 4); `resampler_config.json` in snake_case. */
 export interface ResamplerConfig {
   /** The student's hidden size. */
   dimIn: number;
+  /** Width of the latents and of the projected input. */
   dim: number;
+  /** Number of attention + feed-forward blocks. */
   depth: number;
+  /** Attention heads per block. */
   heads: number;
+  /** Features per attention head (a multiple of 4). */
   dimHead: number;
+  /** Feed-forward hidden width as a multiple of `dim`. */
   ffMult: number;
+  /** Learned latent queries: the tokens of the output sequence (77 for SDXL). */
   numQueries: number;
+  /** Features per output token, `prompt_embeds` (2048 for SDXL). */
   dimSeq: number;
+  /** Features of the pooled output, `pooled_prompt_embeds` (1280 for SDXL). */
   dimPooled: number;
 }
 
@@ -215,7 +224,9 @@ export function resamplerParamCount(config: ResamplerConfig): number {
   return count;
 }
 
+/** A resampler's parameters on the GPU with the sizes they were made for. */
 export interface ResamplerWeights {
+  /** The sizes of the parameters. */
   config: ResamplerConfig;
   /** Every parameter (f32, trainable) by its safetensors name, in file order. */
   params: Map<string, Tensor>;

@@ -44,9 +44,11 @@ const TOKENIZER_FILES = [
 /** Recorded in the identity: a teacher computing in another precision is another teacher. */
 const COMPUTE_PRECISION = "f32 activations and accumulation; weights as stored in the files";
 
+/** SDXL's two CLIP text encoders on the GPU as a `Teacher`, plus what the tests and CLI use. */
 export interface SdxlTeacher extends Teacher {
   /** Bytes of GPU memory both encoders' weights take. */
   gpuBytes: number;
+  /** The tokenizers of text_encoder/ (`l`, CLIP ViT-L) and text_encoder_2/ (`g`, OpenCLIP bigG). */
   readonly tokenizers: { l: ClipTokenizer; g: ClipTokenizer };
   /**
    * The targets of already tokenized rows: `idsL` for text_encoder/ and `idsG` for
@@ -61,6 +63,7 @@ export interface SdxlTeacher extends Teacher {
   destroy(): void;
 }
 
+/** Optional callbacks for `loadSdxlTeacher`. */
 export interface LoadSdxlTeacherOptions {
   /** Called after each tensor is on the GPU, with its component folder name. */
   onTensor?: (part: string, name: string, done: number, total: number) => void;

@@ -19,12 +19,17 @@ import {
   type Qwen3Weights,
 } from "./qwen3_weights.ts";
 
+/** A loaded student: everything `encodePrompts` needs; free it with `destroyStudent`. */
 export interface Student {
+  /** The frozen base model, NF4-quantized on the GPU. */
   qwen: Qwen3Weights;
+  /** The trained LoRA, resampler and prompt settings. */
   adapter: TrainedAdapter;
+  /** The base model's tokenizer, used with the adapter's prompt settings. */
   tokenizer: QwenTokenizer;
 }
 
+/** Optional callbacks for `loadStudent`. */
 export interface LoadStudentOptions {
   /** Called as each base-model tensor reaches the GPU. */
   onTensor?: (name: string, done: number, total: number) => void;
@@ -50,6 +55,7 @@ export async function loadStudent(
   }
 }
 
+/** Frees the student's GPU memory (base weights and adapter); the `Gpu` stays usable. */
 export function destroyStudent(student: Student): void {
   destroyQwen3Weights(student.qwen);
   destroyAdapter(student.adapter);
@@ -61,12 +67,17 @@ export interface Conditioning {
   promptEmbeds: Float32Array;
   /** [batch, 1280] */
   pooled: Float32Array;
+  /** Number of prompts. */
   batch: number;
+  /** Tokens per prompt embedding (the resampler's queries; 77 for SDXL). */
   seqLen: number;
+  /** Features per token of `promptEmbeds` (2048 for SDXL). */
   seqDim: number;
+  /** Features of `pooled` (1280 for SDXL). */
   pooledDim: number;
   /** Student tokens per prompt (after the template) and whether it was cut to the limit. */
   tokenCounts: number[];
+  /** Per prompt: it had more tokens than the adapter's limit and was cut. */
   truncated: boolean[];
 }
 

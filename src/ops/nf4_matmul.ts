@@ -19,7 +19,9 @@ export interface Nf4Weight {
   packed: Tensor;
   /** f32, one absmax per block of the flattened weight. */
   absmax: Tensor;
+  /** Rows of the weight (output features). */
   outFeatures: number;
+  /** Columns of the weight (input features). */
   inFeatures: number;
   /** Elements per absmax block; 64 (bitsandbytes' default) when absent. */
   blockSize?: number;

@@ -52,10 +52,15 @@ export interface ClipEncoding {
 
 /** A batch of captions as CLIP ids, row-major `[batchSize, 77]`. */
 export interface ClipBatchEncoding {
+  /** Ids of every caption, each row as `ClipEncoding.ids`. */
   ids: Int32Array;
+  /** Real tokens per caption, BOS and EOS included. */
   lengths: number[];
+  /** Per caption: it had more than 75 tokens and was cut. */
   truncated: boolean[];
+  /** Number of captions (rows). */
   batchSize: number;
+  /** Ids per row: always 77. */
   sequenceLength: number;
 }
 
@@ -139,10 +144,18 @@ function configuredToken(files: ClipTokenizerFiles, key: string): string | undef
     );
 }
 
+/**
+ * CLIP's byte-level BPE tokenizer as SDXL uses it: lower-cased, 77 ids per caption with
+ * BOS and EOS, padded with the folder's pad token.
+ */
 export class ClipTokenizer {
+  /** Id of `<|startoftext|>`, first in every row. */
   readonly bosId: number;
+  /** Id of `<|endoftext|>`, after the last real token. */
   readonly eosId: number;
+  /** Id that fills each row after EOS. */
   readonly padId: number;
+  /** Text of the pad token (`<|endoftext|>` for tokenizer/, `!` for SDXL's tokenizer_2/). */
   readonly padToken: string;
   readonly #bpe: Tokenizer;
   readonly #idToToken: string[];

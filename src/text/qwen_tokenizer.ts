@@ -24,7 +24,9 @@ const DEFAULT_PAD_TOKEN = "<|endoftext|>";
 const QWEN_FOLDER_HINT =
   "expected a Qwen3 model or tokenizer folder with tokenizer.json and tokenizer_config.json";
 
+/** How a prompt becomes Qwen tokens. */
 export interface QwenEncodeOptions {
+  /** Whether to wrap the prompt in the chat template; default `chat`. */
   mode?: QwenPromptMode;
   /** Keep at most this many tokens (default 256); longer prompts are cut at the end. */
   maxTokens?: number;
@@ -32,6 +34,7 @@ export interface QwenEncodeOptions {
 
 /** One prompt as Qwen ids, unpadded. */
 export interface QwenEncoding {
+  /** Token ids, at most `maxTokens`. */
   ids: Int32Array;
   /** The prompt had more than `maxTokens` tokens and was cut. Callers warn. */
   truncated: boolean;
@@ -39,12 +42,15 @@ export interface QwenEncoding {
 
 /** A batch of prompts, right-padded to the longest: row-major `[B, T]`. */
 export interface QwenBatchEncoding {
+  /** Token ids, padded with the pad id. */
   ids: Int32Array;
   /** 1 for real tokens, 0 for padding. */
   attentionMask: Uint8Array;
+  /** Real tokens per prompt (at least 1: an empty prompt becomes the pad token). */
   lengths: number[];
   /** Padded length: the longest sequence of the batch. */
   T: number;
+  /** Per prompt: it was cut to `maxTokens`. */
   truncated: boolean[];
 }
 
@@ -81,10 +87,13 @@ function configChatTemplate(config: JsonObject, source: string): string | undefi
   );
 }
 
+/** Qwen3's tokenizer with its chat template: turns captions into the student's input ids. */
 export class QwenTokenizer {
   /** Folder or label used in error messages. */
   readonly source: string;
+  /** Id used to pad batches (and to stand in for an empty prompt). */
   readonly padId: number;
+  /** Text of the pad token: `tokenizer_config.json`'s, else `<|endoftext|>`. */
   readonly padToken: string;
   readonly #tokenizer: Tokenizer;
   readonly #chatTemplateText: string | undefined;

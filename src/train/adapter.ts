@@ -26,18 +26,25 @@ export const DISTILL_CONFIG_FILE = "distill_config.json";
 
 /** How captions become student tokens; fixed at training time and reused by `encode`. */
 export interface PromptSettings {
+  /** Chat template around the caption, or the caption alone. */
   mode: QwenPromptMode;
+  /** Student tokens per prompt; longer prompts are cut. */
   maxTokens: number;
 }
 
 /** A Qwen3's name and sizes: its config less the numerics (rope theta, norm eps). */
 export interface BaseModelRecord extends Omit<Qwen3Config, "ropeTheta" | "rmsNormEps"> {
+  /** The model folder's name, to tell users which Qwen3 to pass. */
   name: string;
 }
 
+/** `distill_config.json` of an adapter folder: how to use the adapter and what it was made from. */
 export interface DistillConfig {
+  /** Marks the folder as a distill adapter. */
   format: "distill-adapter";
+  /** Layout version; a different one is refused. */
   version: 1;
+  /** The prompt settings training used; `encode` must use the same. */
   prompt: PromptSettings;
   /** The Qwen3 this adapter was trained on (sizes checked on load). */
   baseModel: BaseModelRecord;
@@ -47,9 +54,13 @@ export interface DistillConfig {
   training?: Record<string, unknown>;
 }
 
+/** An adapter folder loaded onto the GPU: what the student adds to its frozen base model. */
 export interface TrainedAdapter {
+  /** The folder's `distill_config.json`. */
   config: DistillConfig;
+  /** The LoRA weights of the Qwen3 decoder. */
   lora: LoraAdapter;
+  /** The resampler mapping the decoder's hidden states to SDXL conditioning. */
   resampler: ResamplerWeights;
 }
 

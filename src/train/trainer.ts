@@ -123,13 +123,19 @@ export interface TrainOptions {
   microBatch?: number;
   /** Micro-batches (of `batchSize` samples each) per optimizer step. */
   gradAccum?: number;
+  /** Passes over the training rows (default 1). */
   epochs?: number;
   /** Stop after this many optimizer steps (the schedule spans them). */
   maxSteps?: number;
+  /** Peak learning rate per parameter group (default 1e-4 resampler, 2e-5 LoRA). */
   lr?: { resampler: number; lora: number };
+  /** AdamW decoupled weight decay on every trainable tensor (default 0.01). */
   weightDecay?: number;
+  /** Clip the global gradient L2 norm to this (default 1). */
   maxGradNorm?: number;
+  /** Share of the steps spent warming the learning rate up from 0 (default 0.03). */
   warmupRatio?: number;
+  /** Seeds initialisation, shuffling and dropout; equal seeds give equal runs (default 0). */
   seed?: number;
   /** Share of the captions held out for evaluation (by caption hash); 0 disables evaluation. */
   heldOutFraction?: number;
@@ -139,9 +145,13 @@ export interface TrainOptions {
   evalRows?: number;
   /** Checkpoint every this many steps (and after the last); 0: only after the last. */
   checkpointEvery?: number;
+  /** How many of the newest checkpoints to keep on disk (default 2). */
   keepCheckpoints?: number;
+  /** LoRA hyper-parameters; missing fields take the defaults (r 16, alpha 32, q/k/v/o). */
   lora?: Partial<LoraConfig>;
+  /** Resampler sizes; missing fields take SPEC section 4's defaults. */
   resampler?: Partial<ResamplerShape>;
+  /** How captions become student tokens (default chat template, 256 tokens). */
   prompt?: Partial<PromptSettings>;
   /** Default: on when the student has more than 8 layers. */
   gradientCheckpointing?: boolean;
@@ -182,23 +192,33 @@ export interface TrainConfig extends TrajectoryConfig {
   resume: boolean;
 }
 
+/** Where training stands after an optimizer step, as `TrainHooks.onProgress` gets it. */
 export interface TrainProgress {
   /** Optimizer steps done. */
   step: number;
+  /** Optimizer steps the schedule spans. */
   totalSteps: number;
   /** 0-based epoch of the last step. */
   epoch: number;
+  /** Epochs the run makes in all. */
   epochs: number;
+  /** Training loss of the step: `lossSeq + lossPooled`. */
   loss: number;
+  /** Mean squared error of the sequence output against the teacher's. */
   lossSeq: number;
+  /** Mean squared error of the pooled output against the teacher's. */
   lossPooled: number;
+  /** Learning rates the step used, per parameter group. */
   lr: { resampler: number; lora: number };
   /** Samples per second over this session's steps. */
   samplesPerSecond: number;
+  /** Training time so far, sessions before a resume included. */
   elapsedSeconds: number;
+  /** Estimated time to the last step, at this session's pace. */
   etaSeconds: number;
 }
 
+/** Optional ways to observe and host a `train` run. */
 export interface TrainHooks {
   /** Device to train on (tests share one); default: a new one, destroyed at the end. */
   gpu?: Gpu;
@@ -210,22 +230,31 @@ export interface TrainHooks {
   onCheckpoint?: (step: number, dir: string) => void | Promise<void>;
 }
 
+/** Held-out evaluation: the training loss and cosine similarities to the teacher. */
 export interface EvalResult {
+  /** `lossSeq + lossPooled` over the evaluated rows. */
   loss: number;
+  /** Mean squared error of the sequence output. */
   lossSeq: number;
+  /** Mean squared error of the pooled output. */
   lossPooled: number;
   /** Mean over rows and tokens of the cosine similarity of each sequence row to the teacher's. */
   cosSeq: number;
   /** Mean over rows of the pooled embedding's cosine similarity to the teacher's. */
   cosPooled: number;
+  /** Held-out rows evaluated. */
   rows: number;
 }
 
+/** What a finished `train` run produced. */
 export interface TrainResult {
+  /** Optimizer steps of the whole run. */
   steps: number;
+  /** The final adapter folder, ready for `loadStudent` and `encode`. */
   adapterDir: string;
   /** Held-out evaluation before the first step and after the last (null without a split). */
   evalBefore: EvalResult | null;
+  /** See `evalBefore`. */
   evalAfter: EvalResult | null;
 }
 
