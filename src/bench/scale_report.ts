@@ -18,7 +18,9 @@ export function maxRssBytes(): number {
 /**
  * High-water marks of host RSS (`Deno.memoryUsage().rss`) and of the GPU buffer pool, sampled
  * on a timer and whenever `sample()` is called. The timer only fires while the event loop is
- * free, so callers also sample between long synchronous pieces of work.
+ * free, so callers also sample between long synchronous pieces of work. Ops release their
+ * temporaries while they are recorded, so `gpuLive` misses peaks inside one recorded pass;
+ * `gpuPool` (which keeps freed buffers) bounds what the process really holds.
  */
 export class PeakMemory {
   readonly #gpu: Gpu;

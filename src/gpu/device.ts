@@ -17,6 +17,8 @@ export interface GpuOptions {
   disable?: Array<keyof GpuFeatures>;
   /** Which adapter to ask WebGPU for; default `high-performance` (the discrete GPU on laptops). */
   powerPreference?: GPUPowerPreference;
+  /** Bytes of freed buffers kept for reuse (default 512 MiB); beyond it they are destroyed. */
+  maxPooledBytes?: number;
 }
 
 /** A WGSL compute kernel. `name` must identify the code uniquely (it keys the pipeline cache). */
@@ -68,6 +70,8 @@ export function grid1d(gpu: Gpu, count: number, workgroupSize: number): [number,
 }
 
 const UNIFORM_RING_BYTES = 1 << 20;
+/** Host writes queued past this are submitted, so wgpu's staging copies do not pile up. */
+const MAX_PENDING_WRITE_BYTES = 64 << 20;
 const MAX_PARAM_BYTES = 256;
 
 const NO_ADAPTER_HELP = "no WebGPU adapter found. On Linux without a GPU install Mesa's CPU " +
@@ -100,13 +104,19 @@ export class Gpu {
   #lost: string | null = null;
   #dispatchCount = 0;
   #submitCount = 0;
+  #pendingWriteBytes = 0;
 
-  private constructor(adapter: GPUAdapter, device: GPUDevice, features: GpuFeatures) {
+  private constructor(
+    adapter: GPUAdapter,
+    device: GPUDevice,
+    features: GpuFeatures,
+    maxPooledBytes?: number,
+  ) {
     this.device = device;
     this.adapterInfo = adapter.info;
     this.features = features;
     this.limits = device.limits;
-    this.#pool = new BufferPool(device);
+    this.#pool = new BufferPool(device, maxPooledBytes);
     this.#uniformStride = Math.max(
       MAX_PARAM_BYTES,
       device.limits.minUniformBufferOffsetAlignment,
@@ -149,7 +159,7 @@ export class Gpu {
       if (typeof value === "number") requiredLimits[key] = value;
     }
     const device = await adapter.requestDevice({ requiredFeatures, requiredLimits });
-    return new Gpu(adapter, device, features);
+    return new Gpu(adapter, device, features, options.maxPooledBytes);
   }
 
   /** Largest single storage binding; bigger tensors must be walked in windows. */
@@ -229,6 +239,14 @@ export class Gpu {
       tail.set(bytes.subarray(aligned));
       this.device.queue.writeBuffer(t.buffer, byteOffset + aligned, tail);
     }
+    this.#pendingWriteBytes += bytes.byteLength;
+    if (this.#pendingWriteBytes > MAX_PENDING_WRITE_BYTES) this.#submitWrites();
+  }
+
+  /** An empty submission makes the queue carry out (and free the staging of) pending writes. */
+  #submitWrites(): void {
+    this.device.queue.submit([]);
+    this.#pendingWriteBytes = 0;
   }
 
   /** Records one compute dispatch; nothing runs until `flush()` or a read. */
@@ -279,12 +297,17 @@ export class Gpu {
   /** Submits everything recorded so far. */
   flush(): void {
     this.#throwIfBroken();
-    if (!this.#encoder) return;
+    if (!this.#encoder) {
+      if (this.#pendingWriteBytes > 0) this.#submitWrites();
+      return;
+    }
     this.#endPass();
     if (this.#uniformUsed > 0) {
       this.device.queue.writeBuffer(this.#uniforms, 0, this.#uniformStage, 0, this.#uniformUsed);
     }
     this.device.queue.submit([this.#encoder.finish()]);
+    this.#pendingWriteBytes = 0;
+    this.#pool.destroyRetired();
     this.#submitCount++;
     this.#encoder = null;
     this.#recorded = 0;

@@ -1,6 +1,6 @@
 const USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
-/** Freed buffers kept for reuse beyond this are destroyed instead. */
-const MAX_POOLED_BYTES = 512 * 1024 * 1024;
+/** Default for the bytes of freed buffers kept for reuse; beyond it they are destroyed. */
+export const DEFAULT_MAX_POOLED_BYTES = 512 * 1024 * 1024;
 
 const MIB = 1 << 20;
 
@@ -26,9 +26,14 @@ export class BufferPool {
   readonly #free = new Map<number, GPUBuffer[]>();
   #pooledBytes = 0;
   #liveBytes = 0;
+  /** Released past the cap: destroyed after the next submission, since recorded work may use them. */
+  #retired: GPUBuffer[] = [];
 
-  constructor(device: GPUDevice) {
+  readonly #maxPooledBytes: number;
+
+  constructor(device: GPUDevice, maxPooledBytes = DEFAULT_MAX_POOLED_BYTES) {
     this.#device = device;
+    this.#maxPooledBytes = maxPooledBytes;
   }
 
   get pooledBytes(): number {
@@ -53,8 +58,8 @@ export class BufferPool {
   release(buffer: GPUBuffer): void {
     const size = buffer.size;
     this.#liveBytes -= size;
-    if (this.#pooledBytes + size > MAX_POOLED_BYTES) {
-      buffer.destroy();
+    if (this.#pooledBytes + size > this.#maxPooledBytes) {
+      this.#retired.push(buffer);
       return;
     }
     let list = this.#free.get(size);
@@ -63,7 +68,14 @@ export class BufferPool {
     this.#pooledBytes += size;
   }
 
+  /** Call after submitting: work already submitted keeps a destroyed buffer alive until done. */
+  destroyRetired(): void {
+    for (const b of this.#retired) b.destroy();
+    this.#retired = [];
+  }
+
   destroy(): void {
+    this.destroyRetired();
     for (const list of this.#free.values()) for (const b of list) b.destroy();
     this.#free.clear();
     this.#pooledBytes = 0;

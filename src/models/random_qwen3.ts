@@ -143,8 +143,9 @@ function tensorPlan(c: Qwen3Config, dtype: RandomQwen3DType): TensorPlan[] {
 }
 
 /**
- * Splits the plan into `count` shards of about equal bytes, keeping state-dict order:
- * a tensor goes to the shard its first byte falls in.
+ * Splits the plan into `count` shards of about equal bytes in state-dict order (a tensor goes
+ * to the shard its first byte falls in); within a shard, data is in name order as the
+ * safetensors library lays it out.
  */
 function splitShards(plan: TensorPlan[], count: number): TensorPlan[][] {
   const total = plan.reduce((sum, t) => sum + t.byteLength, 0);
@@ -161,7 +162,7 @@ function splitShards(plan: TensorPlan[], count: number): TensorPlan[][] {
         `tensor holds more than 1/${count} of the bytes); use fewer shards`,
     );
   }
-  return shards;
+  return shards.map((shard) => shard.sort((a, b) => (a.name < b.name ? -1 : 1)));
 }
 
 function shardFileName(index: number, count: number): string {
@@ -349,6 +350,8 @@ export async function writeRandomQwen3(
   const totalBytes = plan.reduce((sum, t) => sum + t.byteLength, 0);
 
   await Deno.mkdir(dir, { recursive: true });
+  // config.json marks a complete folder: drop an old one before replacing its weights.
+  await removeIfPresent(join(dir, "config.json"));
   const elementBytes = DTYPE_BYTES[dtype];
   const chunkElements = CHUNK_BYTES / elementBytes;
   const newChunk = () =>

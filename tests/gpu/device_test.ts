@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { grid1d } from "../../src/gpu/device.ts";
+import { Gpu, grid1d } from "../../src/gpu/device.ts";
 import { sizeClass } from "../../src/gpu/pool.ts";
 import { add } from "../../src/ops/elementwise.ts";
 import { testGpu } from "../helpers.ts";
@@ -107,4 +107,32 @@ Deno.test("size classes never undershoot; small ones are 2^k or 3·2^(k-2), larg
     const c = sizeClass(n);
     assert.ok(c >= n && c - n < 1 << 20 && c % (1 << 20) === 0, `${n} -> ${c}`);
   }
+});
+
+Deno.test("a buffer freed past the pool's cap outlives the recorded work that reads it", async () => {
+  const gpu = await Gpu.create({ maxPooledBytes: 0 });
+  try {
+    const x = gpu.upload(new Float32Array([1, 2, 3]), [3], "f32", "x");
+    const y = gpu.upload(new Float32Array([10, 20, 30]), [3], "f32", "y");
+    const sum = add(gpu, x, y);
+    x.destroy();
+    y.destroy();
+    const twice = add(gpu, sum, sum);
+    assert.deepEqual(await gpu.read(twice), new Float32Array([22, 44, 66]));
+    assert.equal(gpu.stats.pooledBytes, 0);
+  } finally {
+    gpu.destroy();
+  }
+});
+
+Deno.test("many host writes without GPU work are submitted as they pile up", async () => {
+  const gpu = await testGpu();
+  const t = gpu.empty([1 << 20], "f32", "target");
+  const chunk = new Float32Array(1 << 20).fill(3);
+  const before = gpu.stats.submits;
+  for (let i = 0; i < 20; i++) gpu.write(t, chunk);
+  await gpu.sync();
+  assert.ok(gpu.stats.submits === before, "empty submissions are not counted as work");
+  assert.equal((await gpu.read(t) as Float32Array)[12345], 3);
+  t.destroy();
 });
