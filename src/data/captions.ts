@@ -307,7 +307,7 @@ function dropDuplicates(collector: CaptionCollector): CaptionRow[] {
       seen.add(row.caption);
       return true;
     }
-    collector.skip("duplicate", row.id);
+    collector.countSkipped("duplicate", row.id);
     return false;
   });
 }

@@ -219,11 +219,11 @@ export class CaptionCollector {
   /** Adds a caption, trimmed; an empty one is counted instead. */
   add(source: string, id: string, caption: string | null): void {
     const text = caption?.trim() ?? "";
-    if (text === "") this.skip("empty", id);
+    if (text === "") this.countSkipped("empty", id);
     else this.rows.push({ id, caption: text, source });
   }
 
-  skip(reason: keyof SkipCounts, id: string): void {
+  countSkipped(reason: keyof SkipCounts, id: string): void {
     this.skipped[reason]++;
     if (this.#examples[reason].length < EXAMPLES) this.#examples[reason].push(id);
   }

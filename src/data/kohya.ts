@@ -51,7 +51,7 @@ export async function readKohyaFolder(
   for (const rel of rels.filter(isKohyaCaptionPath)) {
     const id = stem(rel);
     if (!imageStems.has(id)) {
-      collector.skip("noImage", rel);
+      collector.countSkipped("noImage", rel);
       continue;
     }
     captionStems.add(id);
