@@ -209,12 +209,17 @@ function littleEndianView(bytes: Uint8Array): DataView {
 /**
  * f32 values of little-endian `bytes` holding `dtype` elements: exact for F32, F16 and BF16
  * (bits are copied, so NaN payloads survive); F64 and 64/32-bit integers round to nearest f32.
+ * They are written to the start of `into` when given (a reusable scratch array, at least as
+ * long as the result), and that subarray is returned; otherwise to a new array.
  */
-export function decodeF32(bytes: Uint8Array, dtype: SafeDType): Float32Array {
+export function decodeF32(bytes: Uint8Array, dtype: SafeDType, into?: Float32Array): Float32Array {
   const n = bytes.byteLength / DTYPE_BYTES[dtype];
+  if (into && into.length < n) {
+    throw new Error(`${n} ${dtype} values do not fit the ${into.length}-element output array`);
+  }
   const view = littleEndianView(bytes);
-  const out = new Float32Array(n);
-  const outBits = new Uint32Array(out.buffer);
+  const out = into ? into.subarray(0, n) : new Float32Array(n);
+  const outBits = new Uint32Array(out.buffer, out.byteOffset, n);
   switch (dtype) {
     case "F32":
       for (let i = 0; i < n; i++) outBits[i] = view.getUint32(4 * i, true);

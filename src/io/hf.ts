@@ -213,8 +213,14 @@ export class ModelFolder {
     return await this.#fileOf(name).readBytes(name);
   }
 
-  async readF32(name: string): Promise<Float32Array> {
-    return await this.#fileOf(name).readF32(name);
+  /** `byteLength` bytes of `name`'s data from `byteOffset`; see `SafetensorsFile.readRange`. */
+  async readRange(name: string, byteOffset: number, byteLength: number): Promise<Uint8Array> {
+    return await this.#fileOf(name).readRange(name, byteOffset, byteLength);
+  }
+
+  /** `name` as f32, decoded into `into` when given; see `SafetensorsFile.readF32`. */
+  async readF32(name: string, into?: Float32Array): Promise<Float32Array> {
+    return await this.#fileOf(name).readF32(name, into);
   }
 
   async readIntegers(name: string): Promise<number[]> {

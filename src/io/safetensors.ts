@@ -317,18 +317,50 @@ export class SafetensorsFile {
 
   /** The tensor's raw little-endian bytes (a fresh buffer, only this tensor's bytes are read). */
   async readBytes(name: string): Promise<Uint8Array> {
-    const { byteOffset, byteLength } = this.info(name);
+    return await this.readRange(name, 0, this.info(name).byteLength);
+  }
+
+  /**
+   * `byteLength` bytes of the tensor's data from `byteOffset` (relative to the tensor's first
+   * byte) in a fresh buffer, so a large tensor such as an embedding table can be streamed in
+   * pieces. Throws when the range does not lie inside the tensor.
+   */
+  async readRange(name: string, byteOffset: number, byteLength: number): Promise<Uint8Array> {
+    const info = this.info(name);
+    if (
+      !Number.isSafeInteger(byteOffset) || !Number.isSafeInteger(byteLength) || byteOffset < 0 ||
+      byteLength < 0 || byteOffset + byteLength > info.byteLength
+    ) {
+      throw fileError(
+        this.path,
+        `tensor "${name}" holds ${info.byteLength} bytes; the range of ${byteLength} bytes ` +
+          `from byte ${byteOffset} is not inside it (offset and length must be non-negative ` +
+          "integers with offset + length <= the tensor's byte length)",
+      );
+    }
+    const where = byteOffset === 0 && byteLength === info.byteLength
+      ? `tensor "${name}"`
+      : `bytes [${byteOffset}, ${byteOffset + byteLength}) of tensor "${name}"`;
     const read = this.#queue.then(async () =>
-      readExactly(await this.#handle(), this.path, byteOffset, byteLength, `tensor "${name}"`)
+      readExactly(await this.#handle(), this.path, info.byteOffset + byteOffset, byteLength, where)
     );
     this.#queue = read.catch(() => undefined);
     return await read;
   }
 
-  /** The tensor as f32: exact for F32/F16/BF16, rounded to nearest for F64 and integers. */
-  async readF32(name: string): Promise<Float32Array> {
+  /**
+   * The tensor as f32: exact for F32/F16/BF16, rounded to nearest for F64 and integers. With
+   * `into` (at least as long as the tensor) the values are decoded into its start and that
+   * subarray is returned, so a loader can reuse one scratch array for many tensors.
+   */
+  async readF32(name: string, into?: Float32Array): Promise<Float32Array> {
     const { dtype } = this.info(name);
-    return decodeF32(await this.readBytes(name), dtype);
+    const bytes = await this.readBytes(name);
+    try {
+      return decodeF32(bytes, dtype, into);
+    } catch (error) {
+      throw fileError(this.path, `tensor "${name}": ${(error as Error).message}`);
+    }
   }
 
   /** The values of an integer (I64/I32/I16/I8/U8/BOOL) tensor, e.g. token ids. */

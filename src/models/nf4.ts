@@ -75,15 +75,35 @@ function checkBlockSize(fn: string, blockSize: number): void {
   }
 }
 
+/** The arrays `nf4Quantize` needs for `n` elements: reused from `into` or freshly allocated. */
+function nf4Output(n: number, blockSize: number, into: Nf4Quantized | undefined): Nf4Quantized {
+  const bytes = Math.ceil(n / 2);
+  const blocks = Math.ceil(n / blockSize);
+  if (!into) return { packed: new Uint8Array(bytes), absmax: new Float32Array(blocks) };
+  if (into.packed.length < bytes || into.absmax.length < blocks) {
+    throw new Error(
+      `nf4Quantize: ${n} elements need ${bytes} packed bytes and ${blocks} absmax values, ` +
+        `but the output arrays hold ${into.packed.length} and ${into.absmax.length}`,
+    );
+  }
+  return { packed: into.packed.subarray(0, bytes), absmax: into.absmax.subarray(0, blocks) };
+}
+
 /**
  * Quantises `weights` (a row-major [out, in] weight flattened) to NF4. Runs at load time on
- * every linear weight of the model, so it avoids per-element allocation and branches.
+ * every linear weight of the model, so it avoids per-element allocation and branches. With
+ * `into` (arrays at least as long as needed, e.g. sized for the model's largest linear) the
+ * result is written to their starts and returned as subarrays, so a loader that uploads each
+ * result before quantising the next weight can reuse one pair of arrays for all of them.
  */
-export function nf4Quantize(weights: Float32Array, blockSize = NF4_BLOCK_SIZE): Nf4Quantized {
+export function nf4Quantize(
+  weights: Float32Array,
+  blockSize = NF4_BLOCK_SIZE,
+  into?: Nf4Quantized,
+): Nf4Quantized {
   checkBlockSize("nf4Quantize", blockSize);
   const n = weights.length;
-  const absmax = new Float32Array(Math.ceil(n / blockSize));
-  const packed = new Uint8Array(Math.ceil(n / 2));
+  const { packed, absmax } = nf4Output(n, blockSize, into);
   const threshold = THRESHOLD;
   const bucketStart = BUCKET_START;
   for (let block = 0, start = 0; start < n; block++, start += blockSize) {

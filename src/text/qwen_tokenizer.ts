@@ -169,14 +169,36 @@ export class QwenTokenizer {
     });
   }
 
-  /** Tokenizes one prompt (no special tokens added beyond the template's own). */
+  /**
+   * Tokenizes one prompt (no special tokens added beyond the template's own). A prompt over
+   * `maxTokens` is cut: in raw mode at the end; in chat mode the caption is shortened so the
+   * template's closing tokens (`<|im_end|>`, the assistant turn) are kept, since the student
+   * always sees them in training.
+   */
   encode(caption: string, options: QwenEncodeOptions = {}): QwenEncoding {
     const maxTokens = checkMaxTokens(options.maxTokens ?? QWEN_DEFAULT_MAX_TOKENS);
-    const ids = this.#tokenizer.encode(this.renderPrompt(caption, options.mode), {
-      add_special_tokens: false,
-    }).ids;
-    const truncated = ids.length > maxTokens;
-    return { ids: Int32Array.from(truncated ? ids.slice(0, maxTokens) : ids), truncated };
+    const mode = checkMode(options.mode ?? "chat");
+    const ids = this.#ids(this.renderPrompt(caption, mode));
+    if (ids.length <= maxTokens) return { ids: Int32Array.from(ids), truncated: false };
+    if (mode === "raw") return { ids: Int32Array.from(ids.slice(0, maxTokens)), truncated: true };
+    const template = this.#ids(this.renderPrompt("", mode)).length;
+    if (template >= maxTokens) {
+      throw new Error(
+        `maxTokens ${maxTokens} leaves no room for the caption: the chat template alone is ` +
+          `${template} tokens`,
+      );
+    }
+    const captionIds = this.#ids(caption);
+    // Re-tokenizing the cut text can merge differently at the cut, so shrink until it fits.
+    for (let keep = maxTokens - template; keep >= 0; keep--) {
+      const cut = this.#ids(this.renderPrompt(this.decode(captionIds.slice(0, keep)), mode));
+      if (cut.length <= maxTokens) return { ids: Int32Array.from(cut), truncated: true };
+    }
+    throw new Error("unreachable: an empty caption fits the template");
+  }
+
+  #ids(text: string): number[] {
+    return this.#tokenizer.encode(text, { add_special_tokens: false }).ids;
   }
 
   /** Tokenizes prompts and right-pads them with the pad id to the longest. */
