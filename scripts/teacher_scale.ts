@@ -5,17 +5,17 @@
  * layout, the real CLIP tokenizer files from data/clip-tokenizer) into `--dir` (kept
  * and reused by later runs), then, in a child process so that writing them does not count,
  * loads the teacher and runs the target cache over the first `--prompts` PartiPrompts. Reports
- * captions/s, peak RSS (sampled every 100 ms: reading /proc/self/status needs --allow-all), GPU
- * memory, and appends `{name: "teacher_cache", ...}` to `--json`.
+ * captions/s, peak RSS (the process's true peak, ru_maxrss), GPU memory, and appends
+ * `{name: "teacher_cache", ...}` to `--json` (a JSON array, or a `deno task bench --json` report).
  *
  *   deno run --allow-read --allow-write --allow-env --allow-run scripts/teacher_scale.ts \
  *     --dir /tmp/sdxl-random --json bench-out/bench.json [--prompts 64] [--batch-size 8]
  */
 import { parseArgs } from "node:util";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
+import { appendBenchEntry, maxRssBytes, PeakMemory } from "../src/bench/scale_report.ts";
 import { runCache } from "../src/cli/cache.ts";
 import { Gpu } from "../src/gpu/device.ts";
-import { writeFileAtomic } from "../src/io/atomic.ts";
 import { loadSdxlTeacher } from "../src/models/sdxl_teacher.ts";
 import { SDXL_TEXT_ENCODERS, writeRandomSdxlTeacherFolder } from "../src/models/random_sdxl.ts";
 
@@ -39,6 +39,8 @@ export interface TeacherCacheResult {
   weightBytes: number;
   /** Highest GPU memory the buffer pool held (live + pooled; sizes rounded to its classes). */
   peakPoolBytes: number;
+  /** The process's true peak RSS at the end (ru_maxrss, VmHWM). */
+  maxRssBytes: number;
   shapes: typeof SDXL_TEXT_ENCODERS;
 }
 
@@ -49,24 +51,18 @@ async function measure(
   batchSize: number,
 ): Promise<TeacherCacheResult> {
   const gpu = await Gpu.create();
-  let peakRss = Deno.memoryUsage().rss;
-  let peakPool = 0;
-  const sample = () => {
-    peakRss = Math.max(peakRss, Deno.memoryUsage().rss);
-    peakPool = Math.max(peakPool, gpu.stats.liveBytes + gpu.stats.pooledBytes);
-  };
-  const timer = setInterval(sample, 100);
+  const peak = new PeakMemory(gpu);
   const out = await Deno.makeTempDir({ prefix: "teacher-cache-" });
   try {
     const loadStart = performance.now();
     const teacher = await loadSdxlTeacher(gpu, dir);
     const loadSeconds = (performance.now() - loadStart) / 1000;
     const rssAfterLoadBytes = Deno.memoryUsage().rss;
-    sample();
+    peak.sample();
     const cacheStart = performance.now();
     await runCache({ data: PROMPTS, limit: prompts, out, batchSize }, teacher);
     const cacheSeconds = (performance.now() - cacheStart) / 1000;
-    sample();
+    peak.sample();
     teacher.destroy();
     return {
       name: "teacher_cache",
@@ -82,32 +78,18 @@ async function measure(
       loadSeconds,
       cacheSeconds,
       captionsPerSecond: prompts / cacheSeconds,
-      peakRssBytes: peakRss,
+      peakRssBytes: peak.rss,
       rssAfterLoadBytes,
       weightBytes: teacher.gpuBytes,
-      peakPoolBytes: peakPool,
+      peakPoolBytes: peak.gpuPool,
+      maxRssBytes: maxRssBytes(),
       shapes: SDXL_TEXT_ENCODERS,
     };
   } finally {
-    clearInterval(timer);
+    peak.stop();
     await Deno.remove(out, { recursive: true });
     gpu.destroy();
   }
-}
-
-/** Appends `entry` to the JSON array in `path` (created if missing), atomically. */
-async function appendBenchEntry(path: string, entry: unknown): Promise<void> {
-  let entries: unknown[] = [];
-  try {
-    const parsed = JSON.parse(await Deno.readTextFile(path));
-    if (!Array.isArray(parsed)) throw new Error(`${path} does not hold a JSON array of results`);
-    entries = parsed;
-  } catch (error) {
-    if (!(error instanceof Deno.errors.NotFound)) throw error;
-  }
-  entries.push(entry);
-  await Deno.mkdir(dirname(path) || ".", { recursive: true });
-  await writeFileAtomic(path, JSON.stringify(entries, null, 2) + "\n");
 }
 
 async function main(): Promise<void> {
@@ -159,10 +141,12 @@ async function main(): Promise<void> {
   if (!child.success) {
     throw new Error(`teacher_scale: the measuring process failed (${child.code})`);
   }
-  const result = JSON.parse(new TextDecoder().decode(child.stdout).trim().split("\n").at(-1)!);
+  const result: TeacherCacheResult = JSON.parse(
+    new TextDecoder().decode(child.stdout).trim().split("\n").at(-1)!,
+  );
   await appendBenchEntry(json!, result);
   const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(0)} MiB`;
-  const rss = `${mib(result.peakRssBytes)} (${mib(result.rssAfterLoadBytes)} after loading)`;
+  const rss = `${mib(result.maxRssBytes)} (${mib(result.rssAfterLoadBytes)} after loading)`;
   console.log(
     `teacher_cache: ${result.prompts} prompts, batch ${result.batchSize}, load ` +
       `${result.loadSeconds.toFixed(1)} s, ${result.captionsPerSecond.toFixed(3)} captions/s, ` +

@@ -1,8 +1,8 @@
 import type { Gpu } from "../gpu/device.ts";
-import type { DType, Tensor } from "../gpu/tensor.ts";
+import { type DType, dtypeBytes, type Tensor } from "../gpu/tensor.ts";
 import type { ModelFolder } from "../io/hf.ts";
 import { type LinearName, type LinearShapes, QWEN3_LINEARS } from "./lora.ts";
-import { nf4Quantize } from "./nf4.ts";
+import { NF4_BLOCK_SIZE, nf4Quantize, type Nf4Quantized } from "./nf4.ts";
 import { type Nf4Weight, uploadNf4Weight } from "../ops/nf4_matmul.ts";
 
 /** The sizes a Qwen3 decoder needs, read from its config.json. */
@@ -112,6 +112,11 @@ export interface LoadQwen3Options {
   quantize?: "nf4" | "none";
   /** Called after each tensor is on the GPU. */
   onTensor?: (name: string, done: number, total: number) => void;
+  /**
+   * The embedding table is streamed in row-aligned pieces of about this many bytes (default
+   * 64 MiB), so the host holds one piece of it at a time rather than the whole table.
+   */
+  embedChunkBytes?: number;
 }
 
 const DTYPE_OF: Record<string, DType> = { F32: "f32", F16: "f16", BF16: "bf16" };
@@ -175,9 +180,60 @@ export function checkQwen3Tensors(folder: ModelFolder, c: Qwen3Config): Map<stri
   return expected;
 }
 
+const DEFAULT_EMBED_CHUNK_BYTES = 64 << 20;
+
 /**
- * Streams a Qwen3 checkpoint onto the GPU one shard and one tensor at a time, quantizing
- * each decoder linear to NF4 as it is read, so host memory peaks at about one tensor.
+ * Streams the [vocab, hidden] embedding table onto the GPU in row-aligned pieces of about
+ * `targetChunkBytes`, in the checkpoint's own dtype, so the host never holds all of it.
+ */
+async function uploadEmbedding(
+  gpu: Gpu,
+  folder: ModelFolder,
+  name: string,
+  shape: number[],
+  dtype: DType,
+  targetChunkBytes: number,
+): Promise<Tensor> {
+  const t = gpu.empty(shape, dtype, name);
+  const rowBytes = shape[1] * dtypeBytes(dtype);
+  let rows = Math.max(1, Math.floor(targetChunkBytes / rowBytes));
+  // Queue writes need 4-byte aligned offsets: 2-byte rows of odd width go in pairs.
+  if (rowBytes % 4 !== 0 && rows % 2 !== 0) rows++;
+  const chunkBytes = rows * rowBytes;
+  const totalBytes = shape[0] * rowBytes;
+  for (let offset = 0; offset < totalBytes; offset += chunkBytes) {
+    const length = Math.min(chunkBytes, totalBytes - offset);
+    gpu.write(t, await folder.readRange(name, offset, length), offset);
+  }
+  return t;
+}
+
+/**
+ * Host arrays reused for every tensor, sized for the largest decoder linear: a loader that
+ * allocated each tensor's f32 values and NF4 arrays afresh would hand gigabytes to the garbage
+ * collector over a load. Safe because each upload copies the data before the next read.
+ */
+interface LoadScratch {
+  values: Float32Array;
+  nf4: Nf4Quantized;
+}
+
+function loadScratch(c: Qwen3Config): LoadScratch {
+  // Every other tensor read through here (the norms) is smaller than any linear.
+  const largest = Math.max(...Object.values(qwen3LinearShapes(c)).map((s) => s.in * s.out));
+  return {
+    values: new Float32Array(largest),
+    nf4: {
+      packed: new Uint8Array(Math.ceil(largest / 2)),
+      absmax: new Float32Array(Math.ceil(largest / NF4_BLOCK_SIZE)),
+    },
+  };
+}
+
+/**
+ * Streams a Qwen3 checkpoint onto the GPU one shard and one tensor at a time (the embedding
+ * table in pieces), quantizing each decoder linear to NF4 as it is read into reused scratch
+ * arrays, so host memory peaks at about one linear's worth of arrays beyond the GPU's own.
  */
 export async function loadQwen3Weights(
   gpu: Gpu,
@@ -187,6 +243,11 @@ export async function loadQwen3Weights(
   const config = qwen3Config(folder);
   const expected = checkQwen3Tensors(folder, config);
   const quantize = options.quantize ?? "nf4";
+  const embedChunkBytes = options.embedChunkBytes ?? DEFAULT_EMBED_CHUNK_BYTES;
+  if (!(embedChunkBytes > 0)) {
+    throw new Error(`loadQwen3Weights: embedChunkBytes must be positive, got ${embedChunkBytes}`);
+  }
+  const scratch = loadScratch(config);
   const byName = new Map<string, Tensor | Nf4Weight>();
   let gpuBytes = 0;
   let done = 0;
@@ -194,24 +255,19 @@ export async function loadQwen3Weights(
     for (const name of folder.namesInShard(shard)) {
       const shape = expected.get(name);
       if (!shape) continue;
-      const info = folder.info(name);
       if (name === "model.embed_tokens.weight") {
-        const bytes = await folder.readBytes(name);
-        const dtype = DTYPE_OF[info.dtype];
-        const data = dtype === "f32"
-          ? new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4)
-          : new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2);
-        const t = gpu.upload(data, shape, dtype, name);
+        const dtype = DTYPE_OF[folder.info(name).dtype];
+        const t = await uploadEmbedding(gpu, folder, name, shape, dtype, embedChunkBytes);
         gpuBytes += t.byteLength;
         byName.set(name, t);
       } else if (name.endsWith("_proj.weight") && quantize === "nf4") {
-        const values = await folder.readF32(name);
-        const q = nf4Quantize(values);
+        const values = await folder.readF32(name, scratch.values);
+        const q = nf4Quantize(values, NF4_BLOCK_SIZE, scratch.nf4);
         const w = uploadNf4Weight(gpu, q, shape[0], shape[1], name);
         gpuBytes += w.packed.byteLength + w.absmax.byteLength;
         byName.set(name, w);
       } else {
-        const t = gpu.upload(await folder.readF32(name), shape, "f32", name);
+        const t = gpu.upload(await folder.readF32(name, scratch.values), shape, "f32", name);
         gpuBytes += t.byteLength;
         byName.set(name, t);
       }

@@ -58,6 +58,19 @@ Deno.test("opens the sharded BF16 Qwen3 folder through its index", async () => {
       await folder.readF32("model.norm.weight"),
       await shard.readF32("model.norm.weight"),
     );
+    assert.deepEqual(
+      await folder.readRange("model.norm.weight", 6, 10),
+      (await shard.readBytes("model.norm.weight")).subarray(6, 16),
+    );
+    assert.deepEqual(
+      await folder.readF32("model.norm.weight", new Float32Array(100)),
+      await shard.readF32("model.norm.weight"),
+    );
+    await assertRejectsNaming(
+      folder.readRange("model.norm.weight", 100, 100),
+      join(QWEN3, info.shard),
+      'tensor "model.norm.weight" holds 128 bytes',
+    );
     shard.close();
 
     assert.equal(folder.configInteger("hidden_size"), 64);

@@ -146,6 +146,56 @@ Deno.test("concurrent reads on one handle, and reads after close() reopen the fi
   file.close();
 });
 
+Deno.test("readRange reads a byte range of one tensor and refuses ranges outside it", async () => {
+  const file = await SafetensorsFile.open(QWEN3_SHARD1);
+  try {
+    for (const name of file.names()) {
+      const whole = await file.readBytes(name);
+      const n = whole.byteLength;
+      // Pieces of an odd size tile the tensor, as a loader streaming it in chunks reads it.
+      const pieces: Uint8Array[] = [];
+      for (let offset = 0; offset < n; offset += 37) {
+        pieces.push(await file.readRange(name, offset, Math.min(37, n - offset)));
+      }
+      assert.deepEqual(new Uint8Array(pieces.flatMap((p) => [...p])), whole, name);
+      assert.deepEqual(await file.readRange(name, 0, n), whole);
+      assert.deepEqual(await file.readRange(name, n, 0), new Uint8Array(0), "empty at the end");
+    }
+    const name = "model.embed_tokens.weight";
+    const n = file.info(name).byteLength;
+    for (const [offset, length] of [[0, n + 1], [n - 2, 3], [-1, 2], [1.5, 2], [0, -1]]) {
+      await assert.rejects(file.readRange(name, offset, length), (error: Error) => {
+        assert.ok(error.message.includes(QWEN3_SHARD1), error.message);
+        assert.ok(error.message.includes(`tensor "${name}" holds ${n} bytes`), error.message);
+        assert.match(error.message, /is not inside it/);
+        return true;
+      });
+    }
+    await assert.rejects(file.readRange("nope", 0, 1), /no tensor "nope"/);
+  } finally {
+    file.close();
+  }
+});
+
+Deno.test("readF32 into a scratch array returns its prefix and refuses a short one", async () => {
+  const file = await SafetensorsFile.open(QWEN3_SHARD1);
+  try {
+    const scratch = new Float32Array(512 * 64 + 3).fill(NaN);
+    const name = "model.layers.0.input_layernorm.weight";
+    const values = await file.readF32(name, scratch);
+    assert.equal(values.buffer, scratch.buffer, "decoded in place");
+    assert.equal(values.byteOffset, 0);
+    assert.deepEqual(values, await file.readF32(name));
+    assert.ok(Number.isNaN(scratch[values.length]), "nothing past the tensor is written");
+    await assert.rejects(
+      file.readF32("model.embed_tokens.weight", new Float32Array(10)),
+      /model-00001-of-00002\.safetensors: tensor "model\.embed_tokens\.weight": 32768 BF16 values do not fit the 10-element output array/,
+    );
+  } finally {
+    file.close();
+  }
+});
+
 Deno.test("reads the BF16 Qwen3 shard: header, layout and values decoded by hand", async () => {
   const file = await SafetensorsFile.open(QWEN3_SHARD1);
   try {

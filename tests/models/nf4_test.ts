@@ -116,3 +116,21 @@ Deno.test("nf4Dequantize is code[index] * absmax rounded once to f32", () => {
     assert.equal(d[i], Math.fround(NF4_CODE[idx[i]] * q.absmax[i >> 6]));
   }
 });
+
+Deno.test("nf4Quantize into reused arrays matches fresh ones and refuses short arrays", () => {
+  const into = { packed: new Uint8Array(600).fill(0xaa), absmax: new Float32Array(19).fill(-1) };
+  // Largest first, then smaller and odd sizes, so stale data from the previous weight is there.
+  for (const n of [1200, 64 + 37, 7]) {
+    const w = randn(n, n, 0.1);
+    const fresh = nf4Quantize(w);
+    const reused = nf4Quantize(w, 64, into);
+    assert.equal(reused.packed.buffer, into.packed.buffer, "written in place");
+    assert.equal(reused.absmax.buffer, into.absmax.buffer, "written in place");
+    assert.deepEqual(reused.packed, fresh.packed, `packed, ${n} elements`);
+    assert.deepEqual(bits(reused.absmax), bits(fresh.absmax), `absmax, ${n} elements`);
+  }
+  assert.throws(
+    () => nf4Quantize(new Float32Array(1202), 64, into),
+    /1202 elements need 601 packed bytes and 19 absmax values, but the output arrays hold 600 and 19/,
+  );
+});

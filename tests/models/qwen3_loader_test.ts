@@ -1,8 +1,11 @@
+import assert from "node:assert/strict";
 import { join } from "node:path";
 import { ModelFolder } from "../../src/io/hf.ts";
 import { SafetensorsFile, writeSafetensors } from "../../src/io/safetensors.ts";
 import { writeRandomQwen3 } from "../../src/models/random_qwen3.ts";
-import { loadQwen3Weights } from "../../src/models/qwen3_weights.ts";
+import { destroyQwen3Weights, loadQwen3Weights } from "../../src/models/qwen3_weights.ts";
+import { nf4Quantize } from "../../src/models/nf4.ts";
+import { QWEN3_LINEARS } from "../../src/models/lora.ts";
 import { loadQwenTokenizer } from "../../src/text/qwen_tokenizer.ts";
 import { rejectsWith, testGpu, withTempDir } from "../helpers.ts";
 
@@ -42,6 +45,51 @@ async function editWeights(
   edit(tensors);
   await writeSafetensors(path, tensors);
 }
+
+Deno.test("Qwen3 loader: the streamed embedding and the scratch-quantized linears match the file", async () => {
+  await withTempDir(async (dir) => {
+    // An odd hidden size makes BF16 rows 30 bytes, so pieces must pair rows to stay 4-aligned;
+    // 100-byte pieces cut the 64-row table into many.
+    await writeRandomQwen3(dir, { ...SIZES, hiddenSize: 15 }, { seed: 3, dtype: "BF16" });
+    const gpu = await testGpu();
+    const folder = await ModelFolder.open(dir);
+    const w = await loadQwen3Weights(gpu, folder, { embedChunkBytes: 100 });
+    try {
+      const embedBytes = await folder.readBytes("model.embed_tokens.weight");
+      const [embed] = await gpu.readAll([w.embed]);
+      assert.deepEqual(
+        embed,
+        new Uint16Array(embedBytes.buffer, embedBytes.byteOffset, embedBytes.byteLength / 2),
+      );
+      // The file interleaves linears of different sizes, so each one is quantized into scratch
+      // arrays that still hold a larger or smaller predecessor.
+      for (const [i, layer] of w.layers.entries()) {
+        for (const [short, module] of Object.entries(QWEN3_LINEARS)) {
+          const name = `model.layers.${i}.${module}.weight`;
+          const linear = layer.linears[short as keyof typeof layer.linears];
+          assert.equal(linear.kind, "nf4");
+          if (linear.kind !== "nf4") continue;
+          const want = nf4Quantize(await folder.readF32(name));
+          const [packed, absmax] = await gpu.readAll([linear.weight.packed, linear.weight.absmax]);
+          assert.deepEqual(packed, want.packed, `${name} packed`);
+          assert.deepEqual(absmax, want.absmax, `${name} absmax`);
+        }
+        const [inputNorm] = await gpu.readAll([layer.inputNorm]);
+        assert.deepEqual(
+          inputNorm,
+          await folder.readF32(`model.layers.${i}.input_layernorm.weight`),
+        );
+      }
+      await rejectsWith(
+        () => loadQwen3Weights(gpu, folder, { embedChunkBytes: 0 }),
+        "embedChunkBytes must be positive",
+      );
+    } finally {
+      destroyQwen3Weights(w);
+      folder.close();
+    }
+  });
+});
 
 Deno.test("Qwen3 loader: a missing config key names config.json and the key", async () => {
   await withTempDir(async (dir) => {
