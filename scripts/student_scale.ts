@@ -17,7 +17,12 @@
  */
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { appendBenchEntry, maxRssBytes, PeakMemory } from "../src/bench/scale_report.ts";
+import {
+  appendBenchEntry,
+  maxRssBytes,
+  measureInChild,
+  PeakMemory,
+} from "../src/bench/scale_report.ts";
 import { adapterReport } from "../src/cli/info.ts";
 import { Gpu } from "../src/gpu/device.ts";
 import { ModelFolder } from "../src/io/hf.ts";
@@ -174,27 +179,10 @@ async function main(): Promise<void> {
     return;
   }
   const writeSeconds = await ensureRandomQwen3_4b(dir);
-  const child = await new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--allow-read",
-      "--allow-write",
-      "--allow-env",
-      new URL(import.meta.url).pathname,
-      "--measure",
-      "--dir",
-      dir,
-      "--tokens",
-      String(tokens),
-    ],
-    stdout: "piped",
-    stderr: "inherit",
-  }).output();
-  if (!child.success) {
-    throw new Error(`student_scale: the measuring process failed (${child.code})`);
-  }
-  const measured: StudentScaleResult = JSON.parse(
-    new TextDecoder().decode(child.stdout).trim().split("\n").at(-1)!,
+  const measured = await measureInChild<StudentScaleResult>(
+    new URL(import.meta.url),
+    ["--dir", dir, "--tokens", String(tokens)],
+    "student_scale",
   );
   const result = { ...measured, writeSeconds };
   if (json) await appendBenchEntry(json, result);

@@ -13,7 +13,12 @@
  */
 import { parseArgs } from "node:util";
 import { join } from "node:path";
-import { appendBenchEntry, maxRssBytes, PeakMemory } from "../src/bench/scale_report.ts";
+import {
+  appendBenchEntry,
+  maxRssBytes,
+  measureInChild,
+  PeakMemory,
+} from "../src/bench/scale_report.ts";
 import { runCache } from "../src/cli/cache.ts";
 import { Gpu } from "../src/gpu/device.ts";
 import { loadSdxlTeacher } from "../src/models/sdxl_teacher.ts";
@@ -120,29 +125,10 @@ async function main(): Promise<void> {
     await writeRandomSdxlTeacherFolder(dir);
     console.error(`teacher_scale: written in ${((performance.now() - start) / 1000).toFixed(1)} s`);
   }
-  const child = await new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--allow-read",
-      "--allow-write",
-      "--allow-env",
-      new URL(import.meta.url).pathname,
-      "--measure",
-      "--dir",
-      dir,
-      "--prompts",
-      String(prompts),
-      "--batch-size",
-      String(batchSize),
-    ],
-    stdout: "piped",
-    stderr: "inherit",
-  }).output();
-  if (!child.success) {
-    throw new Error(`teacher_scale: the measuring process failed (${child.code})`);
-  }
-  const result: TeacherCacheResult = JSON.parse(
-    new TextDecoder().decode(child.stdout).trim().split("\n").at(-1)!,
+  const result = await measureInChild<TeacherCacheResult>(
+    new URL(import.meta.url),
+    ["--dir", dir, "--prompts", String(prompts), "--batch-size", String(batchSize)],
+    "teacher_scale",
   );
   await appendBenchEntry(json!, result);
   const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(0)} MiB`;

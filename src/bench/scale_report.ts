@@ -77,3 +77,26 @@ export async function appendBenchEntry(path: string, entry: { name: string }): P
   await Deno.mkdir(dirname(path) || ".", { recursive: true });
   await writeFileAtomic(path, JSON.stringify(data, null, 2) + "\n");
 }
+
+/**
+ * Runs `script --measure ...args` as a child Deno process and returns the JSON object it
+ * prints last: the scale scripts measure in a child so that writing a checkpoint does not
+ * count toward the measured peak memory.
+ */
+export async function measureInChild<T>(script: URL, args: string[], what: string): Promise<T> {
+  const child = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-read",
+      "--allow-write",
+      "--allow-env",
+      script.pathname,
+      "--measure",
+      ...args,
+    ],
+    stdout: "piped",
+    stderr: "inherit",
+  }).output();
+  if (!child.success) throw new Error(`${what}: the measuring process failed (${child.code})`);
+  return JSON.parse(new TextDecoder().decode(child.stdout).trim().split("\n").at(-1)!) as T;
+}
