@@ -22,6 +22,7 @@ import {
   maxRssBytes,
   measureInChild,
   PeakMemory,
+  scriptHelp,
 } from "../src/bench/scale_report.ts";
 import { adapterReport } from "../src/cli/info.ts";
 import { Gpu } from "../src/gpu/device.ts";
@@ -161,12 +162,17 @@ async function measure(dir: string, tokens: number): Promise<StudentScaleResult>
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
+      help: { type: "boolean", short: "h" },
       dir: { type: "string" },
       json: { type: "string" },
       tokens: { type: "string", default: "32" },
       measure: { type: "boolean" },
     },
   });
+  if (values.help) {
+    console.log(await scriptHelp(new URL(import.meta.url)));
+    return;
+  }
   const { dir, json } = values;
   const tokens = Number(values.tokens);
   if (!dir || !Number.isInteger(tokens) || tokens < 1) {

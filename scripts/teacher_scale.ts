@@ -18,6 +18,7 @@ import {
   maxRssBytes,
   measureInChild,
   PeakMemory,
+  scriptHelp,
 } from "../src/bench/scale_report.ts";
 import { runCache } from "../src/cli/cache.ts";
 import { Gpu } from "../src/gpu/device.ts";
@@ -100,6 +101,7 @@ async function measure(
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
+      help: { type: "boolean", short: "h" },
       dir: { type: "string" },
       json: { type: "string" },
       prompts: { type: "string", default: "64" },
@@ -107,6 +109,10 @@ async function main(): Promise<void> {
       measure: { type: "boolean" },
     },
   });
+  if (values.help) {
+    console.log(await scriptHelp(new URL(import.meta.url)));
+    return;
+  }
   const { dir, json } = values;
   const prompts = Number(values.prompts);
   const batchSize = Number(values["batch-size"]);

@@ -15,7 +15,12 @@
  */
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { appendBenchEntry, maxRssBytes, PeakMemory } from "../src/bench/scale_report.ts";
+import {
+  appendBenchEntry,
+  maxRssBytes,
+  PeakMemory,
+  scriptHelp,
+} from "../src/bench/scale_report.ts";
 import { adapterReport } from "../src/cli/info.ts";
 import { Gpu } from "../src/gpu/device.ts";
 import { ModelFolder } from "../src/io/hf.ts";
@@ -166,12 +171,17 @@ async function run(dir: string, tokens: number, steps: number): Promise<TrainSca
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
+      help: { type: "boolean", short: "h" },
       qwen: { type: "string" },
       json: { type: "string" },
       tokens: { type: "string", default: "32" },
       steps: { type: "string", default: "3" },
     },
   });
+  if (values.help) {
+    console.log(await scriptHelp(new URL(import.meta.url)));
+    return;
+  }
   const tokens = Number(values.tokens);
   const steps = Number(values.steps);
   if (!values.qwen || !Number.isInteger(tokens) || tokens < 1 || !(steps >= 1)) {

@@ -100,3 +100,10 @@ export async function measureInChild<T>(script: URL, args: string[], what: strin
   if (!child.success) throw new Error(`${what}: the measuring process failed (${child.code})`);
   return JSON.parse(new TextDecoder().decode(child.stdout).trim().split("\n").at(-1)!) as T;
 }
+
+/** A script's leading doc comment as plain text: the `--help` of the scale scripts. */
+export async function scriptHelp(script: URL): Promise<string> {
+  const text = await Deno.readTextFile(script);
+  const doc = text.match(/^\/\*\*([\s\S]*?)\*\//)?.[1] ?? "";
+  return doc.split("\n").map((line) => line.replace(/^ ?\* ?/, "")).join("\n").trim();
+}
