@@ -133,33 +133,52 @@ export interface GradNorms {
   groups: Record<string, number>;
 }
 
+/** Gradient norms whose reduction is recorded but not yet read back. */
+export interface PendingGradNorms {
+  /** The per-workgroup partial sums to download (the caller frees them). */
+  partials: Tensor;
+  /** The norms from the downloaded partials (summed on the host in f64). */
+  resolve(values: Float32Array): GradNorms;
+}
+
 /**
- * Pre-clip L2 gradient norms, over everything and per group, with one readback. The GPU
- * reduces each tensor to at most 1024 partial sums; the host adds those in f64.
+ * Records the squared-sum reductions of every group's gradients, so the caller can read them
+ * back together with other results in one submission.
  */
+export function recordGradNorms(
+  gpu: Gpu,
+  groups: Readonly<Record<string, readonly Tensor[]>>,
+): PendingGradNorms {
+  const names = Object.keys(groups);
+  const { partials, segments } = squareSumPartials(gpu, names.flatMap((name) => groups[name]));
+  const resolve = (values: Float32Array): GradNorms => {
+    const result: GradNorms = { total: 0, groups: {} };
+    let index = 0;
+    let all = 0;
+    for (const name of names) {
+      let sum = 0;
+      for (let t = 0; t < groups[name].length; t++, index++) {
+        const [start, end] = segments[index];
+        for (let i = start; i < end; i++) sum += values[i];
+      }
+      result.groups[name] = Math.sqrt(sum);
+      all += sum;
+    }
+    result.total = Math.sqrt(all);
+    return result;
+  };
+  return { partials, resolve };
+}
+
+/** L2 norms of gradient groups (each group's and the total), with one readback. */
 export async function gradNorms(
   gpu: Gpu,
   groups: Readonly<Record<string, readonly Tensor[]>>,
 ): Promise<GradNorms> {
-  const names = Object.keys(groups);
-  const tensors = names.flatMap((name) => groups[name]);
-  const { partials, segments } = squareSumPartials(gpu, tensors);
-  const values = await gpu.readF32(partials);
-  partials.destroy();
-  const result: GradNorms = { total: 0, groups: {} };
-  let index = 0;
-  let all = 0;
-  for (const name of names) {
-    let sum = 0;
-    for (let t = 0; t < groups[name].length; t++, index++) {
-      const [start, end] = segments[index];
-      for (let i = start; i < end; i++) sum += values[i];
-    }
-    result.groups[name] = Math.sqrt(sum);
-    all += sum;
-  }
-  result.total = Math.sqrt(all);
-  return result;
+  const pending = recordGradNorms(gpu, groups);
+  const values = await gpu.readF32(pending.partials);
+  pending.partials.destroy();
+  return pending.resolve(values);
 }
 
 /** `torch.nn.utils.clip_grad_norm_`'s factor: every gradient is multiplied by it. */

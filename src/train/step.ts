@@ -22,7 +22,7 @@ import {
   type ResamplerWeights,
 } from "../models/resampler.ts";
 import { addInPlace } from "../ops/elementwise.ts";
-import { AdamW, clipCoefficient, gradNorms, mseLoss } from "./optim.ts";
+import { AdamW, clipCoefficient, mseLoss, recordGradNorms } from "./optim.ts";
 
 /** The trainable student: a frozen Qwen3 with LoRA, and the resampler on top. */
 export interface StudentModel {
@@ -82,6 +82,7 @@ export class DistillStep {
   readonly loraGrads: LoraGrads = new Map();
   readonly resamplerGrads = new Map<string, Tensor>();
   readonly #checkpoint: boolean;
+  readonly #gradients: Map<string, Tensor>;
   #losses: Array<{ seq: Tensor; pooled: Tensor; weight: number }> = [];
 
   constructor(
@@ -103,6 +104,10 @@ export class DistillStep {
     for (const [name, p] of student.resampler.params) {
       this.resamplerGrads.set(name, gpu.zeros(p.shape, "f32", `grad.${name}`));
     }
+    this.#gradients = new Map([
+      ...this.resamplerGrads,
+      ...loraByPeftName(student.lora, (slot, ab) => this.loraGrads.get(slot)![ab]),
+    ]);
     this.optimizer = new AdamW(
       gpu,
       [
@@ -118,9 +123,8 @@ export class DistillStep {
   }
 
   /** Every gradient buffer by parameter name (PEFT names for LoRA). */
-  gradients(): Map<string, Tensor> {
-    const lora = loraByPeftName(this.student.lora, (slot, ab) => this.loraGrads.get(slot)![ab]);
-    return new Map([...this.resamplerGrads, ...lora]);
+  gradients(): ReadonlyMap<string, Tensor> {
+    return this.#gradients;
   }
 
   /**
@@ -183,35 +187,37 @@ export class DistillStep {
   async measure(): Promise<Omit<StepResult, "clipCoef">> {
     const losses = this.#losses;
     this.#losses = [];
-    const values =
-      (await this.gpu.readAll(losses.flatMap((l) => [l.seq, l.pooled]))) as Float32Array[];
-    for (const l of losses) {
-      l.seq.destroy();
-      l.pooled.destroy();
-    }
+    const norms = recordGradNorms(this.gpu, {
+      resampler: [...this.resamplerGrads.values()],
+      lora: [...this.loraGrads.values()].flatMap((g) => [g.a, g.b]),
+    });
+    const lossTensors = losses.flatMap((l) => [l.seq, l.pooled]);
+    const values = (await this.gpu.readAll([...lossTensors, norms.partials])) as Float32Array[];
+    for (const t of [...lossTensors, norms.partials]) t.destroy();
     let lossSeq = 0;
     let lossPooled = 0;
     losses.forEach(({ weight }, i) => {
       lossSeq += values[2 * i][0] * weight;
       lossPooled += values[2 * i + 1][0] * weight;
     });
-    const norms = await gradNorms(this.gpu, {
-      resampler: [...this.resamplerGrads.values()],
-      lora: [...this.loraGrads.values()].flatMap((g) => [g.a, g.b]),
-    });
+    const gradNorm = norms.resolve(values[lossTensors.length]);
     return {
       loss: lossSeq + lossPooled,
       lossSeq,
       lossPooled,
-      gradNorm: { total: norms.total, resampler: norms.groups.resampler, lora: norms.groups.lora },
+      gradNorm: {
+        total: gradNorm.total,
+        resampler: gradNorm.groups.resampler,
+        lora: gradNorm.groups.lora,
+      },
     };
   }
 
   /** Clips by the global norm, takes one AdamW step at `lrFactor` × each group's lr, zeroes the gradients. */
   apply(totalNorm: number, lrFactor: number): number {
     const clipCoef = clipCoefficient(totalNorm, this.settings.maxGradNorm);
-    this.optimizer.step(this.gradients(), { clipCoef, lrFactor });
-    for (const g of this.gradients().values()) this.gpu.clear(g);
+    this.optimizer.step(this.#gradients, { clipCoef, lrFactor });
+    for (const g of this.#gradients.values()) this.gpu.clear(g);
     return clipCoef;
   }
 
@@ -231,7 +237,7 @@ export class DistillStep {
 
   destroy(): void {
     this.optimizer.destroy();
-    for (const g of this.gradients().values()) g.destroy();
+    for (const g of this.#gradients.values()) g.destroy();
   }
 }
 

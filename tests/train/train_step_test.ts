@@ -75,7 +75,7 @@ async function compareTensors(
   step: DistillStep,
   cases: SafetensorsFile,
   prefix: string,
-  tensors: Map<string, import("../../src/gpu/tensor.ts").Tensor>,
+  tensors: ReadonlyMap<string, import("../../src/gpu/tensor.ts").Tensor>,
   tol: Map<string, number[]>,
   which: "first" | "last",
 ) {
