@@ -1,4 +1,5 @@
-// Register-tiled matmul: y[b, m, n] = sum_k A[b, m, k] * B[b, k, n] (+ bias[n]), f32 accumulate.
+// Register-tiled matmul: y[b, m, n] = alpha * sum_k A[b, m, k] * B[b, k, n] (+ bias[n]), f32
+// accumulate; the accumulating variants add that to what y holds.
 //
 // A is `x` stored [M, K] or, transposed, [K, M]; B is `w` stored [N, K] (PyTorch Linear) or
 // [K, N], as f32 or as raw f16/bf16 bit patterns packed two per u32 (unpacked here, so no
@@ -20,6 +21,7 @@ struct Params {
   x_batch: u32,
   w_batch: u32,
   y_batch: u32,
+  alpha: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

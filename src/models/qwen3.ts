@@ -5,7 +5,7 @@
 import type { Gpu } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import { attentionBackward, attentionWithStats } from "../ops/attention.ts";
-import { add, addInPlace, dropout, scale } from "../ops/elementwise.ts";
+import { add, addInPlace, dropout } from "../ops/elementwise.ts";
 import { embeddingGather } from "../ops/embedding.ts";
 import { matmul } from "../ops/matmul.ts";
 import { nf4Matmul, nf4MatmulInputGrad } from "../ops/nf4_matmul.ts";
@@ -142,11 +142,7 @@ export function frozenLinear(
   const p = train ? lora.config.dropout : 0;
   const input = p > 0 ? dropout(gpu, x, p, train!.seed) : x;
   const down = matmul(gpu, input, pair.a);
-  const up = matmul(gpu, down, pair.b);
-  const scaled = scale(gpu, up, lora.scaling);
-  addInPlace(gpu, y, scaled);
-  up.destroy();
-  scaled.destroy();
+  matmul(gpu, down, pair.b, { alpha: lora.scaling, out: y, accumulate: true });
   if (train) {
     train.acts.set(train.name, { input, down, seed: train.seed });
   } else {
@@ -279,17 +275,33 @@ function frozenLinearBackward(
     }
   }
   if (!pair || !lora || !acts || !grad) return dx;
-  const sdy = scale(gpu, dy, lora.scaling);
-  const dB = matmul(gpu, sdy, acts.down, { transposeX: true, transposeW: false });
-  addInPlace(gpu, grad.b, dB);
-  const dDown = matmul(gpu, sdy, pair.b, { transposeW: false });
-  const dA = matmul(gpu, dDown, acts.input, { transposeX: true, transposeW: false });
-  addInPlace(gpu, grad.a, dA);
-  const dInput = matmul(gpu, dDown, pair.a, { transposeW: false });
+  // y += s (a Bᵀ) with a = x' Aᵀ: dB += s dyᵀ a, da = s dy B, dA += daᵀ x', dx' = da A.
+  const s = lora.scaling;
+  matmul(gpu, dy, acts.down, {
+    transposeX: true,
+    transposeW: false,
+    alpha: s,
+    out: grad.b,
+    accumulate: true,
+  });
+  const dDown = matmul(gpu, dy, pair.b, { transposeW: false, alpha: s });
+  matmul(gpu, dDown, acts.input, {
+    transposeX: true,
+    transposeW: false,
+    out: grad.a,
+    accumulate: true,
+  });
   const p = lora.config.dropout;
-  const dxLora = p > 0 ? dropout(gpu, dInput, p, acts.seed) : dInput;
-  addInPlace(gpu, dx, dxLora);
-  for (const t of new Set([sdy, dB, dDown, dA, dInput, dxLora])) t.destroy();
+  if (p > 0) {
+    const dInput = matmul(gpu, dDown, pair.a, { transposeW: false });
+    const dxLora = dropout(gpu, dInput, p, acts.seed);
+    addInPlace(gpu, dx, dxLora);
+    dInput.destroy();
+    dxLora.destroy();
+  } else {
+    matmul(gpu, dDown, pair.a, { transposeW: false, out: dx, accumulate: true });
+  }
+  dDown.destroy();
   return dx;
 }
 

@@ -13,7 +13,7 @@
  * and tile size; each combination is its own pipeline.
  */
 import template from "../../kernels/matmul.wgsl" with { type: "text" };
-import type { Gpu } from "../gpu/device.ts";
+import { f32, type Gpu } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import { requireDType, requireOut, requireSize } from "./checks.ts";
 
@@ -31,6 +31,11 @@ export interface MatmulOptions {
   bias?: Tensor;
   /** f32 tensor with the result's size to write into. */
   out?: Tensor;
+  /** Scales the product (not the bias); default 1. */
+  alpha?: number;
+  /** Add the result to what `out` holds (e.g. a LoRA branch into its base output, or a
+   * gradient into its accumulator) instead of overwriting it. */
+  accumulate?: boolean;
   /** Overrides the adapter's default tile (benchmarks and tests). */
   tiling?: MatmulTiling;
 }
@@ -126,7 +131,9 @@ function matmulShape(x: Tensor, w: Tensor, transposeX: boolean, transposeW: bool
 
 /** y = x Wᵀ (+ bias) for Linear weights, or the transposed/batched products described above. */
 export function matmul(gpu: Gpu, x: Tensor, w: Tensor, options: MatmulOptions = {}): Tensor {
-  const { transposeW = true, transposeX = false, bias, out } = options;
+  const { transposeW = true, transposeX = false, bias, out, alpha = 1, accumulate = false } =
+    options;
+  if (accumulate && !out) throw new Error("matmul: accumulate needs an 'out' tensor to add to");
   requireDType("matmul", "x", x, ["f32"]);
   requireDType("matmul", "w", w, ["f32", "f16", "bf16"]);
   const { batch, m, n, k, batchedW, outShape } = matmulShape(x, w, transposeX, transposeW);
@@ -154,6 +161,7 @@ export function matmul(gpu: Gpu, x: Tensor, w: Tensor, options: MatmulOptions = 
     wVec: weightVectorWidth(wType, wLayout === "nk" ? k : n, wLayout === "kn" ? tiling.cols : 8),
     tiling,
     bias: bias !== undefined,
+    accumulate,
   };
   const groups: [number, number, number] = [
     Math.ceil(m / tiling.rows),
@@ -172,7 +180,7 @@ export function matmul(gpu: Gpu, x: Tensor, w: Tensor, options: MatmulOptions = 
   if (code === undefined) kernelCache.set(name, code = matmulKernel(variant));
   gpu.dispatch({
     kernel: { name, code },
-    params: [m, n, k, transposeX ? k * m : m * k, batchedW ? n * k : 0, m * n],
+    params: [m, n, k, transposeX ? k * m : m * k, batchedW ? n * k : 0, m * n, f32(alpha)],
     bindings: bias ? [x, w, y, bias] : [x, w, y],
     workgroups: groups,
   });
@@ -211,6 +219,8 @@ export interface MatmulVariant {
   wVec: number;
   tiling: MatmulTiling;
   bias: boolean;
+  /** y += result instead of y = result. */
+  accumulate: boolean;
 }
 
 /** Generated sources by variant name: a tile body is ~100 KB of WGSL, built once. */
@@ -219,7 +229,7 @@ const kernelCache = new Map<string, string>();
 function variantName(v: MatmulVariant): string {
   const t = v.tiling;
   return `matmul_${v.xLayout}${v.xVec}_${v.wLayout}${v.wType}${v.wVec}_` +
-    `${t.rows}x${t.cols}_wg${t.workgroup}${v.bias ? "_bias" : ""}`;
+    `${t.rows}x${t.cols}_wg${t.workgroup}${v.bias ? "_bias" : ""}${v.accumulate ? "_acc" : ""}`;
 }
 
 const COMPONENTS = ["x", "y", "z", "w"];
@@ -353,7 +363,8 @@ export function matmulKernel(v: MatmulVariant): string {
     epilogue.push(`if (m0 + ${i}u < p.m) {`);
     epilogue.push(`  let yr = y_base + (m0 + ${i}u) * p.n + n0;`);
     for (let j = 0; j < TN; j++) {
-      const value = v.bias ? `c${i}_${j} + bias${j}` : `c${i}_${j}`;
+      const product = v.bias ? `p.alpha * c${i}_${j} + bias${j}` : `p.alpha * c${i}_${j}`;
+      const value = v.accumulate ? `y[yr + ${j}u] + ${product}` : product;
       epilogue.push(`  if (n0 + ${j}u < p.n) { y[yr + ${j}u] = ${value}; }`);
     }
     epilogue.push(`}`);

@@ -17,12 +17,14 @@ const DIR = new URL("../fixtures/qwen3/", import.meta.url).pathname;
  * Central differences of loss = Σ hidden ⊙ R over single LoRA entries, in f32 on the GPU,
  * so the step is large and the tolerance loose; the train_step fixture checks tightly.
  */
-Deno.test("Qwen3 LoRA gradients agree with finite differences, with and without checkpointing", async () => {
+async function checkLoraGradients(dropout: number) {
   const gpu = await testGpu();
   const folder = await ModelFolder.open(DIR);
   const w = await loadQwen3Weights(gpu, folder);
   const c = w.config;
   const lora = await loadLora(gpu, `${DIR}lora`, qwen3LinearShapes(c), c.numLayers);
+  lora.config.dropout = dropout;
+  const train = { dropoutSeed: 1 };
   const batch: TokenBatch = {
     ids: Int32Array.from({ length: 2 * 9 }, (_, i) => (i * 37 + 11) % c.vocabSize),
     lengths: [9, 6],
@@ -41,8 +43,15 @@ Deno.test("Qwen3 LoRA gradients agree with finite differences, with and without 
   }
   const R = gpu.upload(r, [rows, c.hiddenSize], "f32", "R");
 
+  // With dropout the loss is that of the training forward, whose masks the seed fixes.
+  const hiddenOf = () => {
+    if (dropout === 0) return qwen3Forward(gpu, w, batch, { lora });
+    const { hidden, state } = qwen3ForwardTrain(gpu, w, batch, { lora, train, checkpoint: true });
+    for (const t of [...state.layerInputs, state.finalRstd, state.ctx.keyLengths]) t.destroy();
+    return hidden;
+  };
   const loss = async () => {
-    const h = qwen3Forward(gpu, w, batch, { lora });
+    const h = hiddenOf();
     const v = (await gpu.read(h)) as Float32Array;
     h.destroy();
     let s = 0;
@@ -58,11 +67,7 @@ Deno.test("Qwen3 LoRA gradients agree with finite differences, with and without 
         b: gpu.zeros(pair.b.shape, "f32", `dB ${slot}`),
       });
     }
-    const { hidden, state } = qwen3ForwardTrain(gpu, w, batch, {
-      lora,
-      train: { dropoutSeed: 1 },
-      checkpoint,
-    });
+    const { hidden, state } = qwen3ForwardTrain(gpu, w, batch, { lora, train, checkpoint });
     hidden.destroy();
     qwen3Backward(gpu, w, state, R, lora, grads);
     return grads;
@@ -103,4 +108,10 @@ Deno.test("Qwen3 LoRA gradients agree with finite differences, with and without 
       `${slot}.${ab}[${index}]: analytic ${analytic} vs numeric ${numeric}`,
     );
   }
-});
+}
+
+Deno.test("Qwen3 LoRA gradients agree with finite differences, with and without checkpointing", () =>
+  checkLoraGradients(0));
+
+Deno.test("Qwen3 LoRA gradients with LoRA dropout agree with finite differences of the same masks", () =>
+  checkLoraGradients(0.3));

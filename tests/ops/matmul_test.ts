@@ -12,9 +12,11 @@ import { matmulRef, type MatmulRefShape } from "../../src/ops/matmul_ref.ts";
 import { assertNmse, randn, testGpu } from "../helpers.ts";
 
 /** A product's shape and layouts (as matmulRef takes them), with what the GPU run adds. */
-interface Case extends Omit<MatmulRefShape, "bias"> {
+interface Case extends Omit<MatmulRefShape, "bias" | "accumulateInto"> {
   what: string;
   bias?: boolean;
+  /** Accumulate into an `out` that already holds random values. */
+  accumulate?: boolean;
   wType?: "f32" | "f16" | "bf16";
   /** x's shape when it is not the plain [M, K] / [K, M] / [B, ., .] one. */
   xShape?: number[];
@@ -52,9 +54,30 @@ function record(gpu: Gpu, c: Case): Run {
     tw = gpu.upload(bits, wShape, wType, "w");
   }
   const tb = bias ? gpu.upload(bias, [n], "f32", "bias") : undefined;
-  const options: MatmulOptions = { transposeX, transposeW, bias: tb, tiling: c.tiling };
+  const into = c.accumulate ? randn(batch * m * n, seed++) : undefined;
+  const out = into ? gpu.upload(into, [batch * m * n], "f32", "out") : undefined;
+  const options: MatmulOptions = {
+    transposeX,
+    transposeW,
+    bias: tb,
+    tiling: c.tiling,
+    alpha: c.alpha,
+    out,
+    accumulate: c.accumulate,
+  };
   const y = matmul(gpu, tx, tw, options);
-  const expected = matmulRef(x, w, { m, n, k, batch, batchedW, transposeX, transposeW, bias });
+  const expected = matmulRef(x, w, {
+    m,
+    n,
+    k,
+    batch,
+    batchedW,
+    transposeX,
+    transposeW,
+    bias,
+    alpha: c.alpha,
+    accumulateInto: into,
+  });
   const owned = [tx, tw, y, ...(tb ? [tb] : [])];
   // The reference uses the rounded weights, so 16-bit weights only add f32 rounding too.
   return { what: c.what, y, expected, bound: 1e-7, owned };
@@ -89,6 +112,28 @@ Deno.test("matmul: y = x W (transposeW false) and y = xᵀ W (transposeX), as ba
     { what: "xᵀ W, M % 4 == 0", m: 36, n: 40, k: 21, transposeX: true, transposeW: false },
     { what: "xᵀ Wᵀ", m: 36, n: 29, k: 21, transposeX: true, bias: true },
   ]);
+});
+
+Deno.test("matmul: alpha scales the product, accumulate adds it to out (LoRA and gradients)", async () => {
+  const gpu = await testGpu();
+  await checkAll(gpu, [
+    { what: "alpha", m: 37, n: 29, k: 53, alpha: -0.37 },
+    { what: "alpha with bias", m: 37, n: 29, k: 52, alpha: 2, bias: true },
+    { what: "accumulate, x W", m: 37, n: 29, k: 53, transposeW: false, accumulate: true },
+    {
+      what: "accumulate alpha, xᵀ W (a gradient into its buffer)",
+      m: 36,
+      n: 29,
+      k: 21,
+      transposeX: true,
+      transposeW: false,
+      alpha: 0.5,
+      accumulate: true,
+    },
+  ]);
+  const x = gpu.zeros([3, 4], "f32");
+  assert.throws(() => matmul(gpu, x, x, { accumulate: true }), /accumulate needs an 'out'/);
+  x.destroy();
 });
 
 Deno.test("matmul: batched [B, M, K] x [B, ., .] in every layout", async () => {
