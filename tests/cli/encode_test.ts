@@ -1,6 +1,11 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { encodeCommand, readPromptsFile, runEncode } from "../../src/cli/encode.ts";
+import {
+  encodeCommand,
+  type EncodeOptions,
+  readPromptsFile,
+  runEncode,
+} from "../../src/cli/encode.ts";
 import { SafetensorsFile } from "../../src/io/safetensors.ts";
 import { DEFAULT_LORA_CONFIG, initLora } from "../../src/models/lora.ts";
 import { writeRandomQwen3 } from "../../src/models/random_qwen3.ts";
@@ -65,16 +70,26 @@ async function tinyStudent(root: string, hiddenSize = SIZES.hiddenSize) {
 const root = await Deno.makeTempDir({ prefix: "distill-encode-" });
 const student = await tinyStudent(root);
 
+/** runEncode on the tiny student with one prompt, quietly; `options` overrides. */
+function encodeWith(options: Partial<EncodeOptions>, log: (line: string) => void = () => {}) {
+  return runEncode({
+    qwen: student.qwen,
+    adapter: student.adapter,
+    prompts: ["a cat"],
+    out: join(root, "out.safetensors"),
+    format: "safetensors",
+    dtype: "f16",
+    batchSize: 1,
+    ...options,
+  }, log);
+}
+
 Deno.test("encode writes the four diffusers tensors at SDXL shapes, F16, with metadata", async () => {
   const out = join(root, "cond.safetensors");
   const lines: string[] = [];
-  await runEncode({
-    qwen: student.qwen,
-    adapter: student.adapter,
+  await encodeWith({
     prompts: ["a red cube on top of a blue sphere", "", "x ".repeat(100)],
     out,
-    format: "safetensors",
-    dtype: "f16",
     batchSize: 2,
   }, (l) => lines.push(l));
   const file = await SafetensorsFile.open(out);
@@ -98,25 +113,19 @@ Deno.test("encode writes the four diffusers tensors at SDXL shapes, F16, with me
 });
 
 Deno.test("encode: batching does not change results; a negative prompt is encoded; json output", async () => {
-  const one = await runEncode({
-    qwen: student.qwen,
-    adapter: student.adapter,
+  const one = await encodeWith({
     prompts: ["a cat", "two dogs left of a tree"],
     negative: "blurry",
     out: join(root, "b1.json"),
     format: "json",
     dtype: "f32",
-    batchSize: 1,
-  }, () => {});
-  const two = await runEncode({
-    qwen: student.qwen,
-    adapter: student.adapter,
+  });
+  const two = await encodeWith({
     prompts: ["a cat", "two dogs left of a tree"],
     out: join(root, "b2.safetensors"),
-    format: "safetensors",
     dtype: "f32",
     batchSize: 2,
-  }, () => {});
+  });
   let worst = 0;
   one.positive.promptEmbeds.forEach((v, i) => {
     worst = Math.max(worst, Math.abs(v - two.positive.promptEmbeds[i]));
@@ -131,15 +140,7 @@ Deno.test("encode: batching does not change results; a negative prompt is encode
 Deno.test("encode refuses an adapter made for another base model, naming both sizes", async () => {
   const other = await tinyStudent(root, 48);
   await assert.rejects(
-    runEncode({
-      qwen: student.qwen,
-      adapter: other.adapter,
-      prompts: ["a cat"],
-      out: join(root, "x.safetensors"),
-      format: "safetensors",
-      dtype: "f16",
-      batchSize: 1,
-    }, () => {}),
+    encodeWith({ adapter: other.adapter, out: join(root, "x.safetensors") }),
     /trained on another base model.*hiddenSize 48 \(adapter\) vs 32 \(student\)/,
   );
 });
@@ -147,15 +148,7 @@ Deno.test("encode refuses an adapter made for another base model, naming both si
 Deno.test("encode: missing adapter files are named", async () => {
   const empty = await Deno.makeTempDir({ dir: root });
   await assert.rejects(
-    runEncode({
-      qwen: student.qwen,
-      adapter: empty,
-      prompts: ["a cat"],
-      out: join(root, "y.safetensors"),
-      format: "safetensors",
-      dtype: "f16",
-      batchSize: 1,
-    }, () => {}),
+    encodeWith({ adapter: empty, out: join(root, "y.safetensors") }),
     /distill_config\.json not found: an adapter folder/,
   );
   await Deno.copyFile(
@@ -163,15 +156,7 @@ Deno.test("encode: missing adapter files are named", async () => {
     join(empty, "distill_config.json"),
   );
   await assert.rejects(
-    runEncode({
-      qwen: student.qwen,
-      adapter: empty,
-      prompts: ["a cat"],
-      out: join(root, "y.safetensors"),
-      format: "safetensors",
-      dtype: "f16",
-      batchSize: 1,
-    }, () => {}),
+    encodeWith({ adapter: empty, out: join(root, "y.safetensors") }),
     /adapter_config\.json not found/,
   );
 });

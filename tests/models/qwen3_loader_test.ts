@@ -91,6 +91,18 @@ Deno.test("Qwen3 loader: the streamed embedding and the scratch-quantized linear
   });
 });
 
+/** A fresh random model with `edit` applied to its weights, then `run` on its folder. */
+function withEditedWeights(
+  edit: Parameters<typeof editWeights>[1],
+  run: (dir: string) => Promise<void>,
+): Promise<void> {
+  return withTempDir(async (dir) => {
+    await writeRandomQwen3(dir, SIZES, { seed: 1 });
+    await editWeights(dir, edit);
+    await run(dir);
+  });
+}
+
 Deno.test("Qwen3 loader: a missing config key names config.json and the key", async () => {
   await withTempDir(async (dir) => {
     await writeRandomQwen3(dir, SIZES, { seed: 1 });
@@ -102,67 +114,59 @@ Deno.test("Qwen3 loader: a missing config key names config.json and the key", as
 });
 
 Deno.test("Qwen3 loader: missing, extra and misshapen tensors name the tensor, file and config", async () => {
-  await withTempDir(async (dir) => {
-    await writeRandomQwen3(dir, SIZES, { seed: 1 });
-    await editWeights(
-      dir,
-      (t) => t.splice(t.findIndex((x) => x.name.endsWith("1.self_attn.k_proj.weight")), 1),
-    );
-    await rejectsWith(
-      () => load(dir),
-      "model.layers.1.self_attn.k_proj.weight' is missing",
-      "num_hidden_layers 2",
-    );
-  });
-  await withTempDir(async (dir) => {
-    await writeRandomQwen3(dir, SIZES, { seed: 1 });
-    await editWeights(
-      dir,
-      (t) =>
-        t.push({
-          name: "model.layers.2.mlp.up_proj.weight",
-          dtype: "F32",
-          shape: [24, 16],
-          data: new Float32Array(384),
-        }),
-    );
-    await rejectsWith(
-      () => load(dir),
-      "unexpected tensor 'model.layers.2.mlp.up_proj.weight'",
-      "2 layers",
-    );
-  });
-  await withTempDir(async (dir) => {
-    await writeRandomQwen3(dir, SIZES, { seed: 1 });
-    await editWeights(dir, (t) => {
+  await withEditedWeights(
+    (t) => t.splice(t.findIndex((x) => x.name.endsWith("1.self_attn.k_proj.weight")), 1),
+    (dir) =>
+      rejectsWith(
+        () => load(dir),
+        "model.layers.1.self_attn.k_proj.weight' is missing",
+        "num_hidden_layers 2",
+      ),
+  );
+  await withEditedWeights(
+    (t) =>
+      t.push({
+        name: "model.layers.2.mlp.up_proj.weight",
+        dtype: "F32",
+        shape: [24, 16],
+        data: new Float32Array(384),
+      }),
+    (dir) =>
+      rejectsWith(
+        () => load(dir),
+        "unexpected tensor 'model.layers.2.mlp.up_proj.weight'",
+        "2 layers",
+      ),
+  );
+  await withEditedWeights(
+    (t) => {
       const i = t.findIndex((x) => x.name === "model.layers.0.mlp.gate_proj.weight");
       t[i] = { ...t[i], shape: [20, 16], data: new Float32Array(320) };
-    });
-    await rejectsWith(
-      () => load(dir),
-      "model.layers.0.mlp.gate_proj.weight' has shape [20,16]",
-      "implies [24,16]",
-      "the config and the weights disagree",
-    );
-  });
+    },
+    (dir) =>
+      rejectsWith(
+        () => load(dir),
+        "model.layers.0.mlp.gate_proj.weight' has shape [20,16]",
+        "implies [24,16]",
+        "the config and the weights disagree",
+      ),
+  );
 });
 
 Deno.test("Qwen3 loader: lm_head is accepted and never read", async () => {
-  await withTempDir(async (dir) => {
-    await writeRandomQwen3(dir, SIZES, { seed: 1 });
-    await editWeights(
-      dir,
-      (t) =>
-        t.push({
-          name: "lm_head.weight",
-          dtype: "F32",
-          shape: [64, 16],
-          data: new Float32Array(1024),
-        }),
-    );
-    const w = await load(dir);
-    if (w.layers.length !== 2) throw new Error("expected 2 layers");
-  });
+  await withEditedWeights(
+    (t) =>
+      t.push({
+        name: "lm_head.weight",
+        dtype: "F32",
+        shape: [64, 16],
+        data: new Float32Array(1024),
+      }),
+    async (dir) => {
+      const w = await load(dir);
+      if (w.layers.length !== 2) throw new Error("expected 2 layers");
+    },
+  );
 });
 
 Deno.test("Qwen3 tokenizer files missing from a model folder are named", async () => {
