@@ -88,6 +88,14 @@ LoRA and resampler:
   --resampler-dim-head <n>    features per head (default ${RESAMPLER_DEFAULTS.dimHead})
   --resampler-ff-mult <n>     feed-forward width multiplier (default ${RESAMPLER_DEFAULTS.ffMult})
                               (the output shapes come from the cache: 77 x 2048 and 1280 for SDXL)
+  --no-mean-start             start the resampler's outputs from its random initialisation
+                              instead of from the mean training target (default: a per-token
+                              output offset, seq_bias, starts at the per-position mean, the pooled
+                              bias at the pooled mean, and both output projections at 0; see
+                              the README's learning section for why)
+  --resampler-positions <n>   learned absolute positions for up to n student tokens, added to the
+                              projected states the latents attend to (default 0: none; n must be
+                              at least --max-tokens)
 
 Evaluation, checkpoints, memory:
   --eval-every <n>            held-out evaluation every n steps, besides before the first and
@@ -148,6 +156,8 @@ export const TRAIN_OPTIONS = {
   "resampler-heads": { type: "string" },
   "resampler-dim-head": { type: "string" },
   "resampler-ff-mult": { type: "string" },
+  "no-mean-start": { type: "boolean" },
+  "resampler-positions": { type: "string" },
   "eval-every": { type: "string" },
   "eval-rows": { type: "string" },
   "checkpoint-every": { type: "string" },
@@ -236,6 +246,8 @@ export function parseTrainArgs(args: string[]): TrainOptions | undefined {
       heads: integer("resampler-heads", v["resampler-heads"], 1),
       dimHead: integer("resampler-dim-head", v["resampler-dim-head"], 1),
       ffMult: integer("resampler-ff-mult", v["resampler-ff-mult"], 1),
+      numPositions: integer("resampler-positions", v["resampler-positions"], 0),
+      seqBias: !v["no-mean-start"],
     },
     prompt: {
       mode: mode as QwenPromptMode | undefined,

@@ -63,6 +63,18 @@ export interface ResamplerConfig {
   dimSeq: number;
   /** Features of the pooled output, `pooled_prompt_embeds` (1280 for SDXL). */
   dimPooled: number;
+  /**
+   * Learned absolute positions added to the projected student states (`pos_emb`
+   * [num_positions, dim]); 0: none. The student's hidden states carry no absolute position
+   * (RoPE is relative), so without them a latent query cannot ask for "the i-th token", which
+   * is what most of the teacher's sequence depends on. Prompts may have at most this many tokens.
+   */
+  numPositions: number;
+  /**
+   * A learned offset per output token (`seq_bias` [num_queries, dim_seq]) added to `seq`, so
+   * training can start from the per-position mean of the targets (`initOutputsAtMean`).
+   */
+  seqBias: boolean;
 }
 
 export const RESAMPLER_DEFAULTS: Readonly<Omit<ResamplerConfig, "dimIn">> = {
@@ -74,10 +86,14 @@ export const RESAMPLER_DEFAULTS: Readonly<Omit<ResamplerConfig, "dimIn">> = {
   numQueries: 77,
   dimSeq: 2048,
   dimPooled: 1280,
+  numPositions: 0,
+  seqBias: false,
 };
 
-/** JSON key of each config field, in the order they are written. */
-const JSON_KEYS: ReadonlyArray<readonly [keyof ResamplerConfig, string]> = [
+type SizeField = Exclude<keyof ResamplerConfig, "numPositions" | "seqBias">;
+
+/** JSON key of each size field, in the order they are written. */
+const JSON_KEYS: ReadonlyArray<readonly [SizeField, string]> = [
   ["dimIn", "dim_in"],
   ["dim", "dim"],
   ["depth", "depth"],
@@ -97,6 +113,14 @@ export function checkResamplerConfig(config: ResamplerConfig, where: string): vo
       throw new Error(`${where}: '${key}' must be a positive integer (got ${value})`);
     }
   }
+  if (!Number.isInteger(config.numPositions) || config.numPositions < 0) {
+    throw new Error(
+      `${where}: 'num_positions' must be an integer >= 0 (got ${config.numPositions})`,
+    );
+  }
+  if (typeof config.seqBias !== "boolean") {
+    throw new Error(`${where}: 'seq_bias' must be true or false (got ${config.seqBias})`);
+  }
   if (config.dimHead % 4 !== 0 || config.dimHead > ATTENTION_MAX_HEAD_DIM) {
     throw new Error(
       `${where}: 'dim_head' ${config.dimHead} must be a multiple of 4 up to ` +
@@ -111,7 +135,7 @@ export function parseResamplerConfig(json: unknown, where: string): ResamplerCon
     throw new Error(`${where}: expected a JSON object with the resampler's sizes`);
   }
   const fields = json as Record<string, unknown>;
-  const known = new Set(JSON_KEYS.map(([, key]) => key));
+  const known = new Set([...JSON_KEYS.map(([, key]) => key), "num_positions", "seq_bias"]);
   for (const key of Object.keys(fields)) {
     if (!known.has(key)) {
       throw new Error(
@@ -131,12 +155,37 @@ export function parseResamplerConfig(json: unknown, where: string): ResamplerCon
     }
     config[field] = value;
   }
+  if (fields.num_positions !== undefined) {
+    if (typeof fields.num_positions !== "number") {
+      throw new Error(
+        `${where}: 'num_positions' must be a number (got ${JSON.stringify(fields.num_positions)})`,
+      );
+    }
+    config.numPositions = fields.num_positions;
+  }
+  if (fields.seq_bias !== undefined) {
+    if (typeof fields.seq_bias !== "boolean") {
+      throw new Error(
+        `${where}: 'seq_bias' must be true or false (got ${JSON.stringify(fields.seq_bias)})`,
+      );
+    }
+    config.seqBias = fields.seq_bias;
+  }
   checkResamplerConfig(config, where);
   return config;
 }
 
-export function resamplerConfigJson(config: ResamplerConfig): Record<string, number> {
-  return Object.fromEntries(JSON_KEYS.map(([field, key]) => [key, config[field]]));
+/**
+ * The config in its JSON form. The optional parts are written only when used, so a resampler
+ * without them has the seed's file format.
+ */
+export function resamplerConfigJson(config: ResamplerConfig): Record<string, number | boolean> {
+  const json: Record<string, number | boolean> = Object.fromEntries(
+    JSON_KEYS.map(([field, key]) => [key, config[field]]),
+  );
+  if (config.numPositions > 0) json.num_positions = config.numPositions;
+  if (config.seqBias) json.seq_bias = true;
+  return json;
 }
 
 export async function readResamplerConfig(path: string): Promise<ResamplerConfig> {
@@ -174,7 +223,7 @@ export function checkResamplerFitsStudent(
   }
 }
 
-type ParamInit = "latents" | "linear" | "ones" | "zeros";
+type ParamInit = "latents" | "linear" | "ones" | "zeros" | "sinusoid";
 
 interface ParamSpec {
   shape: number[];
@@ -197,6 +246,9 @@ function paramSpecs(c: ResamplerConfig): Map<string, ParamSpec> {
   };
   specs.set("latents", { shape: [c.numQueries, c.dim], init: "latents", fanIn: 0 });
   linear("proj_in", c.dim, c.dimIn, true);
+  if (c.numPositions > 0) {
+    specs.set("pos_emb", { shape: [c.numPositions, c.dim], init: "sinusoid", fanIn: 0 });
+  }
   for (let i = 0; i < c.depth; i++) {
     norm(`layers.${i}.attn.norm_x`);
     norm(`layers.${i}.attn.norm_l`);
@@ -208,6 +260,9 @@ function paramSpecs(c: ResamplerConfig): Map<string, ParamSpec> {
     linear(`layers.${i}.ff.w2`, c.dim, c.dim * c.ffMult, false);
   }
   linear("proj_out", c.dimSeq, c.dim, true);
+  if (c.seqBias) {
+    specs.set("seq_bias", { shape: [c.numQueries, c.dimSeq], init: "zeros", fanIn: 0 });
+  }
   norm("norm_pool");
   linear("proj_pooled", c.dimPooled, c.dim, true);
   return specs;
@@ -235,7 +290,10 @@ export interface ResamplerWeights {
 /**
  * Fresh weights: latents N(0, 1) * dim^-0.5; Linear weights and biases as PyTorch's default
  * (kaiming-uniform with a = √5, i.e. U(-1/√in, 1/√in), and the bias from the same range);
- * LayerNorm weight 1, bias 0. Values are drawn in file order.
+ * LayerNorm weight 1, bias 0; `seq_bias` 0 and `pos_emb` the sinusoids of "Attention Is All
+ * You Need" (nearby positions start similar, so a query learns an offset, not 77 separate
+ * positions). Values are drawn in file order; the optional parts draw none, so the other
+ * parameters are the same with and without them.
  */
 export function initResampler(gpu: Gpu, config: ResamplerConfig, rng: Rng): ResamplerWeights {
   checkResamplerConfig(config, "resampler config");
@@ -245,9 +303,42 @@ export function initResampler(gpu: Gpu, config: ResamplerConfig, rng: Rng): Resa
     if (init === "latents") rng.fillNormal(data, config.dim ** -0.5);
     if (init === "linear") rng.fillUniform(data, -1 / Math.sqrt(fanIn), 1 / Math.sqrt(fanIn));
     if (init === "ones") data.fill(1);
+    if (init === "sinusoid") fillSinusoid(data, config.dim);
     params.set(name, gpu.upload(data, shape, "f32", name));
   }
   return { config, params };
+}
+
+/**
+ * Makes a fresh resampler (with `seq_bias`) output the given means for every input: `seq_bias`
+ * = the per-position mean, `proj_pooled.bias` = the pooled mean, and the weights and bias of
+ * both output projections 0. Training then starts from the best prompt-independent output and
+ * learns only what depends on the prompt; the zero projections get gradients from the first
+ * step on, as LoRA's zero B does.
+ */
+export function startResamplerAtMean(
+  gpu: Gpu,
+  weights: ResamplerWeights,
+  mean: { seq: Float32Array; pooled: Float32Array },
+): void {
+  if (!weights.config.seqBias) {
+    throw new Error(`startResamplerAtMean: the resampler has no seq_bias to hold the mean`);
+  }
+  gpu.write(param(weights, "seq_bias"), mean.seq);
+  gpu.write(param(weights, "proj_pooled.bias"), mean.pooled);
+  for (const name of ["proj_out.weight", "proj_out.bias", "proj_pooled.weight"]) {
+    gpu.clear(param(weights, name));
+  }
+}
+
+/** rows x dim sinusoids: [p, 2i] = sin(p / 10000^(2i/dim)), [p, 2i+1] = cos of the same. */
+function fillSinusoid(data: Float32Array, dim: number): void {
+  for (let p = 0; p < data.length / dim; p++) {
+    for (let i = 0; i < dim; i++) {
+      const angle = p / 10000 ** ((i - (i % 2)) / dim);
+      data[p * dim + i] = i % 2 === 0 ? Math.sin(angle) : Math.cos(angle);
+    }
+  }
 }
 
 /** Writes `resampler_config.json` and `resampler.safetensors` (F32) into `dir`, atomically. */
@@ -422,13 +513,30 @@ export function destroyResamplerActivations(acts: ResamplerActivations): void {
   }
 }
 
-/** latents [Q, dim] copied for every batch row: [B, Q, dim]. */
-function broadcastLatents(gpu: Gpu, latents: Tensor, batch: number): Tensor {
-  const out = gpu.empty([batch, ...latents.shape], "f32", "latents");
-  for (let b = 0; b < batch; b++) {
-    gpu.copy(latents, 0, out, b * latents.byteLength, latents.byteLength);
-  }
+/** The first `rows` rows of a parameter [R, n] copied for every batch row: [B, rows, n]. */
+function repeatForBatch(gpu: Gpu, param: Tensor, rows: number, batch: number): Tensor {
+  const width = param.shape[1];
+  const bytes = rows * width * 4;
+  const out = gpu.empty([batch, rows, width], "f32", param.name);
+  for (let b = 0; b < batch; b++) gpu.copy(param, 0, out, b * bytes, bytes);
   return out;
+}
+
+/**
+ * Gradient of a parameter [R, n] whose first `rows` rows were repeated over the batch: the sum
+ * over batch rows of dy [B, rows, n], zero in the rows past `rows`.
+ */
+function repeatForBatchBackward(gpu: Gpu, dy: Tensor, param: Tensor): Tensor {
+  const [batch, rows, width] = dy.shape;
+  const name = `grad.${param.name}`;
+  if (rows === param.shape[0]) {
+    return columnSum(gpu, dy.reshape([batch, rows * width]), gpu.empty(param.shape, "f32", name));
+  }
+  const grad = gpu.zeros(param.shape, "f32", name);
+  const sum = columnSum(gpu, dy.reshape([batch, rows * width]));
+  gpu.copy(sum, 0, grad, 0, sum.byteLength);
+  sum.destroy();
+  return grad;
 }
 
 /** A view of t as [rows, last axis], the 2-D operand a weight gradient needs. */
@@ -463,8 +571,20 @@ function resamplerForwardImpl(
   });
   const inner = c.heads * c.dimHead;
   const attnOptions = { numHeads: c.heads, keyLengths: lengths.tensor, alwaysVisibleFrom: seqLen };
+  if (c.numPositions > 0 && seqLen > c.numPositions) {
+    throw new Error(
+      `${op}: ${seqLen} student positions, but this resampler has positions for at most ` +
+        `${c.numPositions} (num_positions); cut prompts to ${c.numPositions} tokens (--max-tokens)`,
+    );
+  }
   const x = matmul(gpu, hidden, param(w, "proj_in.weight"), { bias: param(w, "proj_in.bias") });
-  let latents = broadcastLatents(gpu, param(w, "latents"), batch);
+  if (c.numPositions > 0) {
+    const positions = repeatForBatch(gpu, param(w, "pos_emb"), seqLen, batch);
+    addInPlace(gpu, x, positions);
+    positions.destroy();
+  }
+  const latentsParam = param(w, "latents");
+  let latents = repeatForBatch(gpu, latentsParam, latentsParam.shape[0], batch);
   const blocks: BlockActivations[] = [];
   for (let i = 0; i < c.depth; i++) {
     const p = (name: string) => param(w, `layers.${i}.${name}`);
@@ -524,6 +644,11 @@ function resamplerForwardImpl(
   const seq = matmul(gpu, latents, param(w, "proj_out.weight"), {
     bias: param(w, "proj_out.bias"),
   });
+  if (c.seqBias) {
+    const offsets = repeatForBatch(gpu, param(w, "seq_bias"), c.numQueries, batch);
+    addInPlace(gpu, seq, offsets);
+    offsets.destroy();
+  }
   const pooledMean = meanOverSequence(gpu, latents);
   const normPool = layerNormWithStats(
     gpu,
@@ -635,6 +760,7 @@ export function resamplerBackward(
   // Heads: seq = proj_out(latents), pooled = proj_pooled(norm_pool(mean_q(latents))).
   weightGrad("proj_out.weight", dSeq, acts.latentsOut);
   grads.set("proj_out.bias", columnSum(gpu, dSeq));
+  if (c.seqBias) grads.set("seq_bias", repeatForBatchBackward(gpu, dSeq, param(w, "seq_bias")));
   const dLatents = inputGrad(dSeq, "proj_out.weight");
   weightGrad("proj_pooled.weight", dPooled, acts.normPool.y);
   grads.set("proj_pooled.bias", columnSum(gpu, dPooled));
@@ -685,17 +811,12 @@ export function resamplerBackward(
   }
 
   // The latents parameter is shared by every batch row: its gradient is the sum over rows.
-  const latents = param(w, "latents");
-  grads.set(
-    "latents",
-    columnSum(
-      gpu,
-      dLatents.reshape([batch, latents.size]),
-      gpu.empty(latents.shape, "f32", "grad.latents"),
-    ),
-  );
+  grads.set("latents", repeatForBatchBackward(gpu, dLatents, param(w, "latents")));
   dLatents.destroy();
   const dx = dX!;
+  if (c.numPositions > 0) {
+    grads.set("pos_emb", repeatForBatchBackward(gpu, dx, param(w, "pos_emb")));
+  }
   weightGrad("proj_in.weight", dx, acts.hidden);
   grads.set("proj_in.bias", columnSum(gpu, dx));
   const dHidden = inputGrad(dx, "proj_in.weight");

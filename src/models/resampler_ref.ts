@@ -67,6 +67,10 @@ export function resamplerForwardRef(
       dim,
       get("proj_in.bias"),
     );
+    if (c.numPositions > 0) {
+      const positions = get("pos_emb");
+      for (let j = 0; j < t * dim; j++) x[j] += positions[j];
+    }
     const latents = Float64Array.from(get("latents"));
     for (let i = 0; i < c.depth; i++) {
       const p = (name: string) => get(`layers.${i}.${name}`);
@@ -111,10 +115,12 @@ export function resamplerForwardRef(
       ffOut.forEach((v, j) => latents[j] += v);
     }
     latentsOut.set(latents, b * nq * dim);
-    seq.set(
-      linear(latents, get("proj_out.weight"), c.dimSeq, get("proj_out.bias")),
-      b * nq * c.dimSeq,
-    );
+    const rowSeq = linear(latents, get("proj_out.weight"), c.dimSeq, get("proj_out.bias"));
+    if (c.seqBias) {
+      const offsets = get("seq_bias");
+      rowSeq.forEach((_, j) => rowSeq[j] += offsets[j]);
+    }
+    seq.set(rowSeq, b * nq * c.dimSeq);
     const mean = new Float64Array(dim);
     for (let r = 0; r < nq; r++) for (let d = 0; d < dim; d++) mean[d] += latents[r * dim + d] / nq;
     const pn = layerNormRef(mean, get("norm_pool.weight"), get("norm_pool.bias"), LN_EPS).y;

@@ -71,6 +71,32 @@ export interface EvalRecord {
   cos_seq: number;
   /** Cosine similarity to the teacher's pooled embedding. */
   cos_pooled: number;
+  /** The mean predictor's MSE on the same rows (src/train/evaluation.ts). */
+  mean_loss_seq?: number;
+  mean_loss_pooled?: number;
+  /** 1 - MSE / the mean predictor's MSE. */
+  r2_seq?: number;
+  r2_pooled?: number;
+  /** Cosine after subtracting the mean target. */
+  ccos_seq?: number;
+  ccos_pooled?: number;
+  /** Retrieval among the held-out rows (null below 2 rows), with chance beside it. */
+  top1_seq?: number | null;
+  top5_seq?: number | null;
+  top1_pooled?: number | null;
+  top5_pooled?: number | null;
+  chance_top1?: number | null;
+  chance_top5?: number | null;
+  /** Standard deviation across prompts over the teacher's. */
+  spread_seq?: number;
+  spread_pooled?: number;
+  /** The neighbour reference (mean target of the training captions sharing most words). */
+  nn_r2_seq?: number;
+  nn_r2_pooled?: number;
+  nn_top1_seq?: number | null;
+  nn_top1_pooled?: number | null;
+  /** Per slice: rows, r2_seq, r2_pooled, top1_seq, top1_pooled. */
+  slices?: Record<string, Record<string, number | null>>;
 }
 
 export type MetricsRecord = RunRecord | StepRecord | EvalRecord;

@@ -7,7 +7,7 @@
  * Non-finite values (and non-positive ones on a log axis) are left out of the lines, which break
  * there, marked with a red cross along the top of the plot and counted under it.
  */
-import { basename, join } from "node:path";
+import { basename, join, resolve } from "node:path";
 import { writeFileAtomic } from "../io/atomic.ts";
 import { type EvalRecord, type MetricsRecord, readMetrics, type StepRecord } from "./metrics.ts";
 
@@ -28,6 +28,10 @@ interface Series {
   dots?: boolean;
   /** Noisy per-step values: when many, drawn faint under their moving average. */
   smooth?: boolean;
+  /** A reference (a predictor that needs no training, chance): dashed, without dots. */
+  reference?: boolean;
+  /** Palette slot, so a reference can share its series' colour (default: its index). */
+  colour?: number;
 }
 
 interface ChartSpec {
@@ -50,6 +54,8 @@ const MAX_MARKS = 200;
 const MAX_DOTS = 40;
 const SMOOTH_MIN_POINTS = 100;
 const MAX_LISTED_STEPS = 5;
+/** Colours .s0 to .s4 in the style sheet. */
+const PALETTE = 5;
 
 function escapeHtml(text: string): string {
   return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
@@ -294,8 +300,9 @@ function renderChart(spec: ChartSpec): string {
     const drawn = runs.map((run) => decimate(run, px));
     const count = drawn.reduce((n, run) => n + run.length, 0);
     const dense = series.smooth && count >= SMOOTH_MIN_POINTS;
+    const kind = series.reference ? " ref" : series.dots ? " sparse" : "";
     parts.push(
-      `<g class="s${i}${series.dots ? " sparse" : ""}" clip-path="url(#${spec.id}-clip)">`,
+      `<g class="s${(series.colour ?? i) % PALETTE}${kind}" clip-path="url(#${spec.id}-clip)">`,
     );
     if (dense) {
       const { smoothed, span } = movingAverage(series.points, drawable);
@@ -309,7 +316,7 @@ function renderChart(spec: ChartSpec): string {
     } else {
       parts.push(`<path class="line" d="${path(drawn)}"/>`);
     }
-    if (series.dots || count <= MAX_DOTS) {
+    if (!series.reference && (series.dots || count <= MAX_DOTS)) {
       for (const run of drawn) {
         for (const [x, y] of run) {
           parts.push(
@@ -370,8 +377,30 @@ function stepSeries(steps: StepRecord[], value: (r: StepRecord) => number): Poin
   return steps.map((r) => [r.step, value(r)] as const);
 }
 
-function evalSeries(evals: EvalRecord[], value: (r: EvalRecord) => number): Point[] {
-  return evals.map((r) => [r.step, value(r)] as const);
+/** Dashed seq and pooled lines of a reference predictor, coloured as the series they go with. */
+function referenceSeries(
+  evals: EvalRecord[],
+  name: string,
+  value: Record<"seq" | "pooled", (r: EvalRecord) => number | null | undefined>,
+  firstColour = 0,
+): Series[] {
+  return (["seq", "pooled"] as const).map((part, i) => ({
+    name: `${name}, ${part}`,
+    points: evalSeries(evals, value[part]),
+    reference: true,
+    colour: firstColour + i,
+  }));
+}
+
+function evalSeries(
+  evals: EvalRecord[],
+  value: (r: EvalRecord) => number | null | undefined,
+): Point[] {
+  // Records without the value (older logs; retrieval over fewer than 2 rows) are left out.
+  return evals.flatMap((r) => {
+    const v = value(r);
+    return v === undefined || v === null ? [] : [[r.step, v] as const];
+  });
 }
 
 function flattenConfig(value: unknown, prefix = ""): Array<[string, string]> {
@@ -434,6 +463,7 @@ function summaryRows(steps: StepRecord[], evals: EvalRecord[]): Array<[string, s
         "Cosine to teacher, last",
         `seq ${formatNumber(lastEval.cos_seq)}, pooled ${formatNumber(lastEval.cos_pooled)}`,
       ],
+      ...learningRows(lastEval),
     );
   } else {
     rows.push(["Held-out loss", "no evaluation yet"]);
@@ -452,13 +482,51 @@ function summaryRows(steps: StepRecord[], evals: EvalRecord[]): Array<[string, s
   return rows;
 }
 
+const figure = (v: number | null | undefined) =>
+  v === null || v === undefined ? "not defined" : formatNumber(v, 3);
+
+/** Whether the student learned the prompt: its last held-out figures beside the references. */
+function learningRows(e: EvalRecord): Array<[string, string]> {
+  if (e.r2_seq === undefined) return [];
+  const rows: Array<[string, string]> = [
+    [
+      "Held-out R², last",
+      `seq ${figure(e.r2_seq)}, pooled ${figure(e.r2_pooled)} (mean predictor 0; word ` +
+      `neighbours seq ${figure(e.nn_r2_seq)}, pooled ${figure(e.nn_r2_pooled)})`,
+    ],
+    [
+      "Retrieval top-1 / top-5, last",
+      `seq ${figure(e.top1_seq)} / ${figure(e.top5_seq)}, pooled ${figure(e.top1_pooled)} / ` +
+      `${figure(e.top5_pooled)} (chance ${figure(e.chance_top1)} / ${figure(e.chance_top5)}; ` +
+      `word neighbours top-1 seq ${figure(e.nn_top1_seq)}, pooled ${figure(e.nn_top1_pooled)})`,
+    ],
+    [
+      "Centered cosine, last",
+      `seq ${figure(e.ccos_seq)}, pooled ${figure(e.ccos_pooled)} (mean predictor 0)`,
+    ],
+    [
+      "Spread across prompts / teacher's",
+      `seq ${figure(e.spread_seq)}, pooled ${figure(e.spread_pooled)} (1: moves as much)`,
+    ],
+  ];
+  for (const [name, x] of Object.entries(e.slices ?? {})) {
+    rows.push([
+      `Slice ${name} (${x.rows} rows)`,
+      `R² seq ${figure(x.r2_seq)}, pooled ${figure(x.r2_pooled)}; top-1 seq ` +
+      `${figure(x.top1_seq)}, pooled ${figure(x.top1_pooled)}`,
+    ]);
+  }
+  return rows;
+}
+
 const STYLE = `
 :root { color-scheme: light dark; --bg: #ffffff; --fg: #1d2330; --muted: #5c6577;
   --grid: #e3e6ec; --frame: #9aa3b2; --warn: #c62828;
-  --c0: #1f6fd1; --c1: #d9730d; --c2: #2e9e44; --c3: #8e44ad; }
+  --c0: #1f6fd1; --c1: #d9730d; --c2: #2e9e44; --c3: #8e44ad; --c4: #7a8290; }
 @media (prefers-color-scheme: dark) {
   :root { --bg: #15181e; --fg: #e4e7ee; --muted: #9aa3b2; --grid: #2c313b; --frame: #5c6577;
-    --warn: #ff6b6b; --c0: #6ea8fe; --c1: #ffa94d; --c2: #69db7c; --c3: #d0a3ff; }
+    --warn: #ff6b6b; --c0: #6ea8fe; --c1: #ffa94d; --c2: #69db7c; --c3: #d0a3ff;
+    --c4: #9aa3b2; }
 }
 body { margin: 0 auto; max-width: 1280px; padding: 16px 24px 40px; background: var(--bg);
   color: var(--fg); font: 14px/1.45 system-ui, "DejaVu Sans", sans-serif; }
@@ -485,10 +553,12 @@ svg .axis { stroke: var(--frame); stroke-width: 1; }
 svg .frame { fill: none; stroke: var(--frame); stroke-width: 1; }
 svg .line { fill: none; stroke-width: 1.6; stroke-linejoin: round; stroke: var(--c); }
 svg .sparse .line { stroke-width: 2.2; }
+svg .ref .line { stroke-dasharray: 6 4; stroke-width: 1.4; }
 svg .raw { stroke-width: 1; opacity: 0.35; }
 svg .dot { fill: var(--c); stroke: var(--bg); stroke-width: 1; }
 svg .skip { stroke: var(--warn); stroke-width: 2; }
 .s0 { --c: var(--c0); } .s1 { --c: var(--c1); } .s2 { --c: var(--c2); } .s3 { --c: var(--c3); }
+.s4 { --c: var(--c4); }
 `;
 
 /** The report of `records` (a metrics log, in order) as one HTML document. */
@@ -523,6 +593,52 @@ export function renderReport(records: MetricsRecord[], options: ReportOptions): 
         { name: "total", points: evalSeries(evals, (r) => r.heldout_loss), dots: true },
         { name: "seq", points: evalSeries(evals, (r) => r.heldout_loss_seq), dots: true },
         { name: "pooled", points: evalSeries(evals, (r) => r.heldout_loss_pooled), dots: true },
+        ...referenceSeries(evals, "mean predictor", {
+          seq: (r) => r.mean_loss_seq,
+          pooled: (r) => r.mean_loss_pooled,
+        }, 1),
+      ],
+    },
+    {
+      id: "r2",
+      title: "Held-out R² (share of the mean predictor's error explained)",
+      yLabel: "R²",
+      yScale: "linear",
+      empty: noEval,
+      series: [
+        { name: "seq", points: evalSeries(evals, (r) => r.r2_seq), dots: true },
+        { name: "pooled", points: evalSeries(evals, (r) => r.r2_pooled), dots: true },
+        ...referenceSeries(evals, "word neighbours", {
+          seq: (r) => r.nn_r2_seq,
+          pooled: (r) => r.nn_r2_pooled,
+        }),
+        {
+          name: "mean predictor (0)",
+          points: evalSeries(evals, (r) => r.r2_seq === undefined ? undefined : 0),
+          reference: true,
+          colour: 4,
+        },
+      ],
+    },
+    {
+      id: "retrieval",
+      title: "Held-out retrieval: own target ranked first",
+      yLabel: "top-1 accuracy",
+      yScale: "linear",
+      empty: noEval,
+      series: [
+        { name: "seq", points: evalSeries(evals, (r) => r.top1_seq), dots: true },
+        { name: "pooled", points: evalSeries(evals, (r) => r.top1_pooled), dots: true },
+        ...referenceSeries(evals, "word neighbours", {
+          seq: (r) => r.nn_top1_seq,
+          pooled: (r) => r.nn_top1_pooled,
+        }),
+        {
+          name: "chance",
+          points: evalSeries(evals, (r) => r.chance_top1),
+          reference: true,
+          colour: 4,
+        },
       ],
     },
     {
@@ -606,7 +722,7 @@ ${Object.keys(config).length ? table(flattenConfig(config), "config") : "<p>No c
 export async function writeReport(runDir: string, options: Partial<ReportOptions> = {}) {
   const records = await readMetrics(runDir);
   const path = join(runDir, REPORT_FILE);
-  const title = options.title ?? `distill run ${basename(runDir)}`;
+  const title = options.title ?? `distill training report: ${basename(resolve(runDir))}`;
   await writeFileAtomic(path, renderReport(records, { ...options, title }));
   return path;
 }

@@ -52,6 +52,7 @@ import {
   RESAMPLER_DEFAULTS,
   type ResamplerConfig,
   resamplerParamCount,
+  startResamplerAtMean,
 } from "../models/resampler.ts";
 import {
   loadQwenTokenizer,
@@ -78,9 +79,24 @@ import {
 } from "./optim.ts";
 import { writeReport } from "./report.ts";
 import { Rng } from "./rng.ts";
+import {
+  describeHeldOut,
+  HeldOutEvaluator,
+  type HeldOutReport,
+  type Predictions,
+  referencePool,
+  targetMeans,
+} from "./evaluation.ts";
 import { DistillStep, type MicroBatch, studentForward, type StudentModel } from "./step.ts";
 
 export const DEFAULT_BATCH_SIZE = 16;
+/**
+ * Train with `seq_bias` started at the mean target (`startResamplerAtMean`). Without it the
+ * randomly initialised output projection starts ten times further from the targets than their
+ * mean is, and the student spends its first hundreds of steps unlearning that while the
+ * sequence output stays worse than ignoring the prompt (README, "Does it learn the prompt?").
+ */
+export const DEFAULT_MEAN_START = true;
 export const DEFAULT_HELD_OUT_FRACTION = 0.05;
 export const DEFAULT_EVAL_EVERY = 200;
 export const DEFAULT_EVAL_ROWS = 256;
@@ -99,7 +115,7 @@ const TRAINER_STATE_FORMAT = "distill-trainer-state";
 /** The resampler sizes a run chooses; its outputs' sizes come from the cache. */
 export type ResamplerShape = Pick<
   ResamplerConfig,
-  "dim" | "depth" | "heads" | "dimHead" | "ffMult"
+  "dim" | "depth" | "heads" | "dimHead" | "ffMult" | "numPositions" | "seqBias"
 >;
 
 /** What `train` is asked to do. Omitted fields take the defaults above and SPEC 5's. */
@@ -244,6 +260,8 @@ export interface EvalResult {
   cosPooled: number;
   /** Held-out rows evaluated. */
   rows: number;
+  /** Beside the references: R², centered cosine, retrieval, spread, slices (evaluation.ts). */
+  heldOut?: HeldOutReport;
 }
 
 /** What a finished `train` run produced. */
@@ -360,6 +378,11 @@ export function resolveTrainConfig(options: TrainOptions): TrainConfig {
     heads: options.resampler?.heads ?? RESAMPLER_DEFAULTS.heads,
     dimHead: options.resampler?.dimHead ?? RESAMPLER_DEFAULTS.dimHead,
     ffMult: options.resampler?.ffMult ?? RESAMPLER_DEFAULTS.ffMult,
+    numPositions: nonNegativeInteger(
+      "resampler.numPositions",
+      options.resampler?.numPositions ?? RESAMPLER_DEFAULTS.numPositions,
+    ),
+    seqBias: options.resampler?.seqBias ?? DEFAULT_MEAN_START,
   };
   const prompt: PromptSettings = {
     mode: options.prompt?.mode ?? "chat",
@@ -368,6 +391,12 @@ export function resolveTrainConfig(options: TrainOptions): TrainConfig {
       options.prompt?.maxTokens ?? QWEN_DEFAULT_MAX_TOKENS,
     ),
   };
+  if (resampler.numPositions > 0 && resampler.numPositions < prompt.maxTokens) {
+    throw new Error(
+      `resampler.numPositions ${resampler.numPositions} is below prompt.maxTokens ` +
+        `${prompt.maxTokens}: the resampler needs a position for every prompt token`,
+    );
+  }
   if (!QWEN_PROMPT_MODES.includes(prompt.mode)) {
     throw new Error(
       `prompt mode '${prompt.mode}' is not one of ${QWEN_PROMPT_MODES.join(", ")}`,
@@ -804,10 +833,18 @@ async function loadStepBatches(s: Session, rows: readonly number[]): Promise<Mic
   return micros;
 }
 
-/** Student vs teacher on the held-out rows, without dropout. */
-async function evaluate(s: Session, rows: readonly number[]): Promise<EvalResult> {
+/** Student vs teacher on the held-out rows, without dropout, beside the references. */
+async function evaluate(
+  s: Session,
+  rows: readonly number[],
+  evaluator: HeldOutEvaluator,
+): Promise<EvalResult> {
   const acc = new EvalAccumulator(s.cache.seqLen);
   const size = Math.max(...s.config.microBatches);
+  const outputs: Predictions = {
+    seq: new Float32Array(rows.length * evaluator.mean.seq.length),
+    pooled: new Float32Array(rows.length * evaluator.mean.pooled.length),
+  };
   for (let start = 0; start < rows.length; start += size) {
     const chunk = rows.slice(start, start + size);
     const micro = await loadMicroBatch(s, chunk);
@@ -815,13 +852,15 @@ async function evaluate(s: Session, rows: readonly number[]): Promise<EvalResult
     const [seqOut, pooledOut] = (await s.gpu.readAll([seq, pooled])) as Float32Array[];
     seq.destroy();
     pooled.destroy();
+    outputs.seq.set(seqOut, start * evaluator.mean.seq.length);
+    outputs.pooled.set(pooledOut, start * evaluator.mean.pooled.length);
     acc.add(
       { seq: seqOut, pooled: pooledOut },
       { seq: micro.targetSeq, pooled: micro.targetPooled },
       chunk.length,
     );
   }
-  return acc.result();
+  return { ...acc.result(), heldOut: evaluator.report(outputs) };
 }
 
 function distillConfig(s: Session, training: Record<string, unknown>): DistillConfig {
@@ -914,13 +953,46 @@ async function saveFinalAdapter(s: Session, training: Record<string, unknown>): 
 }
 
 function evalRecord(step: number, e: EvalResult): Omit<EvalRecord, "type"> {
-  return {
+  const record: Omit<EvalRecord, "type"> = {
     step,
     heldout_loss: e.loss,
     heldout_loss_seq: e.lossSeq,
     heldout_loss_pooled: e.lossPooled,
     cos_seq: e.cosSeq,
     cos_pooled: e.cosPooled,
+  };
+  const h = e.heldOut;
+  if (!h) return record;
+  const { student: f, neighbours: nn } = h;
+  return {
+    ...record,
+    mean_loss_seq: h.meanMseSeq,
+    mean_loss_pooled: h.meanMsePooled,
+    r2_seq: f.r2Seq,
+    r2_pooled: f.r2Pooled,
+    ccos_seq: f.centeredCosSeq,
+    ccos_pooled: f.centeredCosPooled,
+    top1_seq: f.top1Seq,
+    top5_seq: f.top5Seq,
+    top1_pooled: f.top1Pooled,
+    top5_pooled: f.top5Pooled,
+    chance_top1: h.chanceTop1,
+    chance_top5: h.chanceTop5,
+    spread_seq: f.spreadSeq,
+    spread_pooled: f.spreadPooled,
+    nn_r2_seq: nn.r2Seq,
+    nn_r2_pooled: nn.r2Pooled,
+    nn_top1_seq: nn.top1Seq,
+    nn_top1_pooled: nn.top1Pooled,
+    slices: Object.fromEntries(
+      Object.entries(h.slices).map(([name, x]) => [name, {
+        rows: x.rows,
+        r2_seq: x.r2Seq,
+        r2_pooled: x.r2Pooled,
+        top1_seq: x.top1Seq,
+        top1_pooled: x.top1Pooled,
+      }]),
+    ),
   };
 }
 
@@ -1015,6 +1087,24 @@ export async function train(options: TrainOptions, hooks: TrainHooks = {}): Prom
   const resumeState = latest
     ? await readResumeState(latest.dir, config, cache, baseModel)
     : undefined;
+  if (evalRows.length === 0) {
+    log(
+      `train: no held-out rows (held-out fraction ${config.heldOutFraction}), so no held-out ` +
+        `figures; hold some captions out (--held-out 0.05) to see whether the student learns`,
+    );
+  }
+  // The per-position mean of the training targets: the reference every held-out figure is
+  // measured against, and where a mean-start resampler's outputs begin.
+  let mean: Predictions | undefined;
+  let evaluator: HeldOutEvaluator | undefined;
+  if (evalRows.length > 0 || (config.resampler.seqBias && !latest)) {
+    const pool = referencePool(split.train);
+    log(`train: reading ${pool.length} training rows for the mean target`);
+    mean = await targetMeans(cache, pool);
+    if (evalRows.length > 0) {
+      evaluator = await HeldOutEvaluator.create(cache, evalRows, pool, mean);
+    }
+  }
 
   const gpu = hooks.gpu ?? (await Gpu.create());
   const owned: Array<() => void> = [];
@@ -1040,6 +1130,7 @@ export async function train(options: TrainOptions, hooks: TrainHooks = {}): Prom
         resamplerConfig,
         new Rng(mixSeed(config.seed, STREAM.resamplerInit)),
       );
+      if (resamplerConfig.seqBias) startResamplerAtMean(gpu, resampler, mean!);
       student = { qwen, lora, resampler };
     }
     owned.push(() => destroyLora(student.lora), () => destroyResampler(student.resampler));
@@ -1076,6 +1167,7 @@ export async function train(options: TrainOptions, hooks: TrainHooks = {}): Prom
       resumeState,
       gradientCheckpointing,
       hooks,
+      evaluator,
     });
   } finally {
     for (const release of owned.reverse()) release();
@@ -1091,6 +1183,8 @@ interface LoopPlan {
   resumeState: TrainerState | undefined;
   gradientCheckpointing: boolean;
   hooks: TrainHooks;
+  /** Held-out evaluation; absent without held-out rows. */
+  evaluator: HeldOutEvaluator | undefined;
 }
 
 async function runLoop(s: Session, plan: LoopPlan): Promise<TrainResult> {
@@ -1140,16 +1234,18 @@ async function runLoop(s: Session, plan: LoopPlan): Promise<TrainResult> {
         `checkpointing ${plan.gradientCheckpointing ? "on" : "off"}` +
         (resumeState ? `; resuming after step ${startStep}` : ""),
     );
-    const canEval = plan.evalRows.length > 0;
+    const evaluator = plan.evaluator;
     let evalBefore = resumeState?.evalBefore ?? null;
     let evalAfter: EvalResult | null = null;
-    if (!resumeState && canEval) {
-      evalBefore = await evaluate(s, plan.evalRows);
+    if (!resumeState && evaluator) {
+      evalBefore = await evaluate(s, plan.evalRows, evaluator);
       await metrics.logEval(evalRecord(0, evalBefore));
       metricsLines++;
       log(`train: held-out loss before training ${evalBefore.loss.toPrecision(5)}`);
     }
-    if (startStep === totalSteps && canEval) evalAfter = await evaluate(s, plan.evalRows);
+    if (startStep === totalSteps && evaluator) {
+      evalAfter = await evaluate(s, plan.evalRows, evaluator);
+    }
 
     const order = new StepOrder(plan.split.train, config.seed, config.stepBatch, stepsPerEpoch);
     const elapsedBefore = resumeState?.elapsedSeconds ?? 0;
@@ -1218,8 +1314,8 @@ async function runLoop(s: Session, plan: LoopPlan): Promise<TrainResult> {
           etaSeconds: etaOf(totalSteps - done, seconds / (done - startStep)),
         });
         const last = done === totalSteps;
-        if (canEval && (last || (config.evalEvery > 0 && done % config.evalEvery === 0))) {
-          const result = await evaluate(s, plan.evalRows);
+        if (evaluator && (last || (config.evalEvery > 0 && done % config.evalEvery === 0))) {
+          const result = await evaluate(s, plan.evalRows, evaluator);
           await metrics.logEval(evalRecord(done, result));
           metricsLines++;
           if (last) evalAfter = result;
@@ -1255,6 +1351,10 @@ async function runLoop(s: Session, plan: LoopPlan): Promise<TrainResult> {
       heldout_loss_after: evalAfter?.loss ?? null,
       cos_seq_after: evalAfter?.cosSeq ?? null,
       cos_pooled_after: evalAfter?.cosPooled ?? null,
+      r2_seq_after: evalAfter?.heldOut?.student.r2Seq ?? null,
+      r2_pooled_after: evalAfter?.heldOut?.student.r2Pooled ?? null,
+      top1_seq_after: evalAfter?.heldOut?.student.top1Seq ?? null,
+      top1_pooled_after: evalAfter?.heldOut?.student.top1Pooled ?? null,
     };
     const adapterDir = await saveFinalAdapter(s, training);
     log(
@@ -1264,6 +1364,9 @@ async function runLoop(s: Session, plan: LoopPlan): Promise<TrainResult> {
           : "") +
         `; adapter in ${adapterDir}`,
     );
+    if (evalAfter?.heldOut) {
+      for (const line of describeHeldOut(evalAfter.heldOut)) log(`train: ${line}`);
+    }
     result = { steps: totalSteps, adapterDir, evalBefore, evalAfter };
   } finally {
     metrics.close();

@@ -99,6 +99,8 @@ const TINY: ResamplerConfig = {
   numQueries: 3,
   dimSeq: 5,
   dimPooled: 4,
+  numPositions: 0,
+  seqBias: false,
 };
 
 /** Random values everywhere (LayerNorm weights around 1), so no gradient is trivially zero. */
@@ -113,25 +115,25 @@ function randomParams(config: ResamplerConfig, seed: number): Map<string, Float3
   return params;
 }
 
-Deno.test("resampler backward matches finite differences of the float64 reference", async () => {
+async function checkBackwardByFiniteDifferences(config: ResamplerConfig): Promise<void> {
   const gpu = await testGpu();
   const [batch, t] = [3, 5];
   const lengths = [3, 5, 0];
-  const host = randomParams(TINY, 100);
+  const host = randomParams(config, 100);
   const w: ResamplerWeights = {
-    config: TINY,
+    config: config,
     params: new Map(
       [...host].map((
         [name, v],
-      ) => [name, gpu.upload(v, resamplerParamShapes(TINY).get(name)!, "f32", name)]),
+      ) => [name, gpu.upload(v, resamplerParamShapes(config).get(name)!, "f32", name)]),
     ),
   };
-  const hiddenHost = randn(batch * t * TINY.dimIn, 7);
-  const dSeqHost = randn(batch * TINY.numQueries * TINY.dimSeq, 8);
-  const dPooledHost = randn(batch * TINY.dimPooled, 9);
-  const hidden = gpu.upload(hiddenHost, [batch, t, TINY.dimIn], "f32", "hidden");
-  const dSeq = gpu.upload(dSeqHost, [batch, TINY.numQueries, TINY.dimSeq], "f32", "dSeq");
-  const dPooled = gpu.upload(dPooledHost, [batch, TINY.dimPooled], "f32", "dPooled");
+  const hiddenHost = randn(batch * t * config.dimIn, 7);
+  const dSeqHost = randn(batch * config.numQueries * config.dimSeq, 8);
+  const dPooledHost = randn(batch * config.dimPooled, 9);
+  const hidden = gpu.upload(hiddenHost, [batch, t, config.dimIn], "f32", "hidden");
+  const dSeq = gpu.upload(dSeqHost, [batch, config.numQueries, config.dimSeq], "f32", "dSeq");
+  const dPooled = gpu.upload(dPooledHost, [batch, config.dimPooled], "f32", "dPooled");
   const { seq, pooled, acts } = resamplerForwardTrain(gpu, w, hidden, lengths);
   const { grads, dHidden } = resamplerBackward(gpu, w, acts, dSeq, dPooled);
   assert.deepEqual([...grads.keys()], [...w.params.keys()]);
@@ -142,12 +144,12 @@ Deno.test("resampler backward matches finite differences of the float64 referenc
     ...grads.values(),
   ]) as Float32Array[];
 
-  const ref = resamplerForwardRef(TINY, host, hiddenHost, lengths);
+  const ref = resamplerForwardRef(config, host, hiddenHost, lengths);
   assertNmse(ref.seq, s, 1e-11, "seq vs reference");
   assertNmse(ref.pooled, p, 1e-11, "pooled vs reference");
 
   const loss = (params: ReadonlyMap<string, ArrayLike<number>>, h: ArrayLike<number>) => {
-    const out = resamplerForwardRef(TINY, params, h, lengths);
+    const out = resamplerForwardRef(config, params, h, lengths);
     return dot(dSeqHost, out.seq) + dot(dPooledHost, out.pooled);
   };
   [...grads.keys()].forEach((name, i) => {
@@ -161,13 +163,20 @@ Deno.test("resampler backward matches finite differences of the float64 referenc
   assertNmse(fdHidden, dh, 1e-10, "dHidden");
   // Padded positions are invisible, so their gradient is exactly zero.
   for (let b = 0; b < batch; b++) {
-    const padded = dh.subarray((b * t + lengths[b]) * TINY.dimIn, (b + 1) * t * TINY.dimIn);
+    const padded = dh.subarray((b * t + lengths[b]) * config.dimIn, (b + 1) * t * config.dimIn);
     assert.ok(padded.every((v) => v === 0), `dHidden of padded positions of row ${b}`);
   }
   destroyResamplerActivations(acts);
   for (const x of [hidden, dSeq, dPooled, seq, pooled, dHidden, ...grads.values()]) x.destroy();
   destroyResampler(w);
-});
+}
+
+Deno.test("resampler backward matches finite differences of the float64 reference", () =>
+  checkBackwardByFiniteDifferences(TINY));
+
+Deno.test("resampler with positions and per-token output offsets: backward by finite differences", () =>
+  // 7 positions for 5 student tokens: the two unused rows of pos_emb get a zero gradient.
+  checkBackwardByFiniteDifferences({ ...TINY, numPositions: 7, seqBias: true }));
 
 Deno.test("initResampler follows PyTorch's defaults and is reproducible from the seed", async () => {
   const gpu = await testGpu();

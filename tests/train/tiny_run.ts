@@ -10,6 +10,8 @@ import { buildTargetCache, type Teacher } from "../../src/data/target_cache.ts";
 import { writeRandomQwen3 } from "../../src/models/random_qwen3.ts";
 import { readQwenPackageFiles } from "../../src/text/qwen_tokenizer.ts";
 import type { TrainOptions } from "../../src/train/trainer.ts";
+import { captionHash } from "../../src/data/captions.ts";
+import { Rng } from "../../src/train/rng.ts";
 import { fakeTeacher, type FakeTeacherOptions } from "../data/fake_teacher.ts";
 
 export const TINY_QWEN3 = {
@@ -39,30 +41,60 @@ export function promptRows(): Promise<CaptionRow[]> {
   return readCaptions(url.pathname);
 }
 
+/** Seeded N(0, 1) features of one word: the same word gives the same vector in every caption. */
+function wordVector(word: string, salt: string, length: number): Float32Array {
+  const rng = new Rng(parseInt(captionHash(`${salt}:${word}`).slice(0, 8), 16));
+  const v = new Float32Array(length);
+  rng.fillNormal(v, 1);
+  return v;
+}
+
 /**
- * The fake teacher made learnable: a fixed pattern over tokens and features (what every
- * caption shares, as real CLIP outputs share a large mean) plus a tenth of the fake teacher's
- * caption-seeded noise. A student that learns the pattern cuts the held-out loss tenfold and
- * more; the noise part cannot be learned and sets the floor.
+ * A caption-dependent stand-in for CLIP, small enough to learn in seconds: token q of the
+ * sequence target is the q-th word's vector (a padding vector past the last word), and the
+ * pooled target is the mean of the words' pooled vectors. Like CLIP's outputs, targets follow
+ * the words of the caption and where they sit; a student that ignores the caption can do no
+ * better than the per-position mean.
  */
-export function patternTeacher(options: FakeTeacherOptions = {}): Teacher {
+export function wordTeacher(options: FakeTeacherOptions = {}): Teacher {
   const fake = fakeTeacher({ ...TINY_TARGETS, ...options });
   const { seqLen, seqDim, pooledDim } = fake;
+  const padding = wordVector("", "padding", seqDim);
   return {
     ...fake,
-    identity: { ...fake.identity, pattern: "sin/cos" },
+    identity: { ...fake.identity, teacher: "word vectors" },
     async encode(captions) {
-      const { seq, pooled } = await fake.encode(captions);
-      for (let i = 0; i < seq.length; i++) {
-        const q = Math.floor(i / seqDim) % seqLen;
-        const d = i % seqDim;
-        seq[i] = 3 * Math.sin(0.7 * q + 1.3 * d) + 0.1 * seq[i];
-      }
-      for (let i = 0; i < pooled.length; i++) {
-        pooled[i] = 2 * Math.cos(i % pooledDim) + 0.1 * pooled[i];
-      }
+      await fake.encode(captions); // keeps the fake teacher's batch checks and counters
+      const seq = new Float32Array(captions.length * seqLen * seqDim);
+      const pooled = new Float32Array(captions.length * pooledDim);
+      captions.forEach((caption, b) => {
+        const words = [...caption.toLowerCase().matchAll(/[a-z0-9]+/g)].map((m) => m[0]);
+        for (let q = 0; q < seqLen; q++) {
+          const v = q < words.length ? wordVector(words[q], "seq", seqDim) : padding;
+          seq.set(v, (b * seqLen + q) * seqDim);
+        }
+        for (const word of words) {
+          const v = wordVector(word, "pooled", pooledDim);
+          for (let i = 0; i < pooledDim; i++) pooled[b * pooledDim + i] += v[i] / words.length;
+        }
+      });
       return { seq, pooled };
     },
+  };
+}
+
+/**
+ * The control for `wordTeacher`: each caption gets the targets of another caption (a fixed
+ * derangement of `captions`), so targets keep their shape and statistics but no longer follow
+ * the caption the student reads. A student must not learn these.
+ */
+export function shuffledTeacher(teacher: Teacher, captions: readonly string[]): Teacher {
+  const order = new Rng(11).permutation(captions.length);
+  const partner = new Map(captions.map((c, i) => [c, captions[order[(i + 1) % captions.length]]]));
+  return {
+    ...teacher,
+    identity: { ...teacher.identity, shuffled: "yes" },
+    encode: (batch) => teacher.encode(batch.map((c) => partner.get(c) ?? c)),
   };
 }
 
@@ -99,8 +131,8 @@ export function tinyOptions(root: string, out: string): TrainOptions {
   };
 }
 
-/** The tiny model and a pattern-teacher cache in `root` (qwen/, cache/). */
+/** The tiny model and a word-teacher cache in `root` (qwen/, cache/). */
 export async function writeTinySetup(root: string): Promise<void> {
   await writeTinyQwen3(join(root, "qwen"));
-  await writeCache(join(root, "cache"), await promptRows(), patternTeacher());
+  await writeCache(join(root, "cache"), await promptRows(), wordTeacher());
 }

@@ -24,7 +24,7 @@ import {
 } from "../../src/train/trainer.ts";
 import { testGpu } from "../helpers.ts";
 import { readTree } from "../data/fake_teacher.ts";
-import { patternTeacher, promptRows, tinyOptions, writeCache, writeTinySetup } from "./tiny_run.ts";
+import { promptRows, tinyOptions, wordTeacher, writeCache, writeTinySetup } from "./tiny_run.ts";
 
 const ROOT = await Deno.makeTempDir({ prefix: "distill-train-" });
 globalThis.addEventListener("unload", () => Deno.removeSync(ROOT, { recursive: true }));
@@ -78,7 +78,7 @@ async function assertSameFiles(actual: string, expected: string, skip: string[] 
   for (const [name, bytes] of b) assert.deepEqual(a.get(name), bytes, `${actual}/${name} differs`);
 }
 
-Deno.test("train: held-out loss falls below half its start; adapter, metrics, report written", async () => {
+Deno.test("train: starts at the mean target, held-out loss falls; adapter, metrics, report written", async () => {
   await setup();
   const gpu = await testGpu();
   const lines: string[] = [];
@@ -93,8 +93,13 @@ Deno.test("train: held-out loss falls below half its start; adapter, metrics, re
   const before = result.evalBefore!;
   const after = result.evalAfter!;
   assert.equal(before.rows, 12, "every held-out row (5% of 300 by caption hash)");
-  assert.ok(after.loss < 0.5 * before.loss, `held-out loss ${before.loss} -> ${after.loss}`);
-  assert.ok(after.cosSeq > before.cosSeq && after.cosPooled > before.cosPooled);
+  // The mean start: before any step the student outputs the training mean, so it scores
+  // exactly the mean predictor (R² 0) and its centered cosine is 0.
+  const start = before.heldOut!;
+  assert.ok(Math.abs(start.student.r2Seq) < 1e-4, `R² seq at the start ${start.student.r2Seq}`);
+  assert.ok(Math.abs(start.student.r2Pooled) < 1e-4, `R² pooled ${start.student.r2Pooled}`);
+  assert.ok(Math.abs(before.lossSeq / start.meanMseSeq - 1) < 1e-4);
+  assert.ok(after.loss < before.loss, `held-out loss ${before.loss} -> ${after.loss}`);
 
   const records = await readMetrics(opts.out);
   assert.equal(records[0].type, "run");
@@ -118,6 +123,10 @@ Deno.test("train: held-out loss falls below half its start; adapter, metrics, re
   assert.equal(adapter.resampler.config.numQueries, 8);
   destroyAdapter(adapter);
   assert.ok(lines.some((l) => l.includes("held-out loss") && l.includes("->")), lines.join("\n"));
+  assert.ok(lines.some((l) => l.includes("held-out R²")), lines.join("\n"));
+  const lastEval = records.findLast((r) => r.type === "eval")!;
+  assert.ok(lastEval.type === "eval" && lastEval.r2_seq === after.heldOut!.student.r2Seq);
+  assert.ok(lastEval.mean_loss_seq! > 0 && lastEval.chance_top1 === 1 / 12);
 });
 
 Deno.test("train: a run SIGKILLed mid-way and resumed ends byte-identical to an uninterrupted one", async () => {
@@ -185,7 +194,7 @@ Deno.test("train: resuming with another cache or other settings, or restarting a
   const done = options("done", { maxSteps: 2 });
   await train(done, { gpu, log: () => {} });
   const other = join(ROOT, "cache-other");
-  const teacher = patternTeacher({ identity: { "text_encoder_2/model.safetensors": "sha256:g2" } });
+  const teacher = wordTeacher({ identity: { "text_encoder_2/model.safetensors": "sha256:g2" } });
   await writeCache(other, await promptRows(), teacher);
   await rejectsWith(
     () => train({ ...done, cache: other, resume: true }, { gpu, log: () => {} }),
@@ -367,6 +376,8 @@ Deno.test("train: batch options, held-out fallback, data order and evaluation su
     numQueries: 77,
     dimSeq: 2048,
     dimPooled: 768,
+    numPositions: 0,
+    seqBias: false,
   };
   assert.throws(
     () => checkResamplerFitsCache(resampler, cache, "ckpt/resampler_config.json"),

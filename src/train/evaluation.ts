@@ -1,0 +1,417 @@
+/**
+ * Held-out evaluation against references that need no training, so a figure says whether the
+ * student learned the prompt:
+ *
+ * - the **mean predictor**: the per-position mean of the training targets, the best output that
+ *   ignores the prompt. `r2 = 1 - MSE_student / MSE_mean` is the share of the variance it leaves
+ *   that the student explains; 0 is "ignores the prompt", below 0 is worse than that.
+ * - the **neighbour reference**: for each held-out caption, the mean target of the
+ *   `NEIGHBOURS` training captions that share the most words: what looking up similar prompts
+ *   gives, with no model at all.
+ *
+ * Beside MSE and R²: cosine after subtracting the mean (a raw cosine is high for the mean
+ * itself), retrieval (rank the row's own teacher target among all held-out targets by centered
+ * cosine to the output; top-1 and top-5 with chance beside them), the spread of the outputs
+ * across prompts over the teacher's, and the same per slice (source file such as a
+ * T2I-CompBench category, prompts with negation, prompts over 77 CLIP tokens).
+ */
+import { basename } from "node:path";
+import type { TargetCache } from "../data/target_cache.ts";
+import { CLIP_TOKENIZER_DIR } from "../models/random_sdxl.ts";
+import { loadClipTokenizer } from "../text/clip_tokenizer.ts";
+
+/** Training rows the means and the neighbour reference are taken from, at most. */
+export const REFERENCE_POOL_ROWS = 8192;
+/** Training captions averaged by the neighbour reference. */
+export const NEIGHBOURS = 8;
+/** Rows read per batch while accumulating the means. */
+const READ_CHUNK = 64;
+
+/** Figures of one predictor on some held-out rows. */
+export interface HeldOutFigures {
+  rows: number;
+  /** Mean squared error over every element. */
+  mseSeq: number;
+  msePooled: number;
+  /** 1 - MSE / MSE of the mean predictor on the same rows. */
+  r2Seq: number;
+  r2Pooled: number;
+  /** Mean over rows of the cosine of (output - mean) and (teacher - mean), seq flattened. */
+  centeredCosSeq: number;
+  centeredCosPooled: number;
+  /** Share of rows whose own teacher target ranks first (top-5) among all held-out ones; null below 2 rows. */
+  top1Seq: number | null;
+  top5Seq: number | null;
+  top1Pooled: number | null;
+  top5Pooled: number | null;
+  /** Standard deviation across prompts of the outputs over the teacher's (total over features). */
+  spreadSeq: number;
+  spreadPooled: number;
+}
+
+/** A held-out evaluation: the student's figures, the references' and the chance levels. */
+export interface HeldOutReport {
+  student: HeldOutFigures;
+  /** The mean predictor's MSE on the same rows (its R² is 0 by definition). */
+  meanMseSeq: number;
+  meanMsePooled: number;
+  neighbours: HeldOutFigures;
+  /** Retrieval by chance among these rows; null below 2 rows. */
+  chanceTop1: number | null;
+  chanceTop5: number | null;
+  /** The student's figures per slice with at least 2 rows. */
+  slices: Record<string, HeldOutFigures>;
+}
+
+/** Outputs (or targets) of some rows, row-major: seq [n, seqLen * seqDim], pooled [n, pooledDim]. */
+export interface Predictions {
+  seq: Float32Array;
+  pooled: Float32Array;
+}
+
+/** Lower-case words of a caption, for the neighbour reference. */
+export function captionWords(caption: string): Set<string> {
+  return new Set(caption.toLowerCase().match(/[\p{L}\p{N}]+/gu) ?? []);
+}
+
+const NEGATION = /\b(no|not|without|never|none|nobody|nothing|neither|nor)\b|n't\b/i;
+
+/**
+ * Slices a held-out row belongs to: `file:<name>` for the caption file it came from (its id's
+ * file part without extension and a trailing _train/_val/_test split, e.g. T2I-CompBench's
+ * `file:color`), `negation`, and `long` (more than 77 CLIP tokens).
+ */
+export function sliceNames(id: string, caption: string, clipTruncated: boolean): string[] {
+  const names: string[] = [];
+  const file = id.includes(":") ? id.slice(0, id.lastIndexOf(":")) : "";
+  if (file) {
+    const stem = basename(file).replace(/\.[^.]*$/, "").replace(/_(train|val|test)(_.*)?$/, "");
+    names.push(`file:${stem}`);
+  }
+  if (NEGATION.test(caption)) names.push("negation");
+  if (clipTruncated) names.push("long");
+  return names;
+}
+
+/**
+ * Indices of the `k` pool captions that share the most words with `words` (ties: the higher
+ * share of their own words, then the earlier row), from an inverted index word -> pool indices.
+ */
+function nearestByWords(
+  words: Set<string>,
+  index: Map<string, number[]>,
+  poolWords: readonly Set<string>[],
+  k: number,
+): number[] {
+  const shared = new Map<number, number>();
+  for (const word of words) {
+    for (const i of index.get(word) ?? []) shared.set(i, (shared.get(i) ?? 0) + 1);
+  }
+  const score = (i: number) =>
+    (shared.get(i) ?? 0) + (shared.get(i) ?? 0) / (poolWords[i].size + 1);
+  const candidates = [...shared.keys()];
+  // Too few overlapping captions: fill with the first pool rows (they score 0).
+  for (let i = 0; candidates.length < k && i < poolWords.length; i++) {
+    if (!shared.has(i)) candidates.push(i);
+  }
+  return candidates.sort((a, b) => score(b) - score(a) || a - b).slice(0, k);
+}
+
+/** The training rows the references read: all, or `REFERENCE_POOL_ROWS` evenly spaced. */
+export function referencePool(train: readonly number[]): number[] {
+  if (train.length === 0) throw new Error(`the references need training rows; there are none`);
+  const limit = REFERENCE_POOL_ROWS;
+  if (train.length <= limit) return [...train];
+  return Array.from({ length: limit }, (_, i) => train[Math.floor(i * train.length / limit)]);
+}
+
+/** rows x width as a [rows][width] scan: Σ per column, in f64. */
+function addColumns(sum: Float64Array, data: Float32Array, rows: number): void {
+  const width = sum.length;
+  for (let r = 0; r < rows; r++) {
+    const row = data.subarray(r * width, (r + 1) * width);
+    for (let j = 0; j < width; j++) sum[j] += row[j];
+  }
+}
+
+/** The figures of `outputs` for one part (seq or pooled) against centered teacher rows. */
+function partFigures(
+  outputs: Float32Array,
+  teacherCentered: Float32Array,
+  teacherNorms: Float64Array,
+  mean: Float32Array,
+  rows: readonly number[],
+  meanSq: number,
+) {
+  const width = mean.length;
+  const n = rows.length;
+  const all = teacherNorms.length;
+  const centered = new Float32Array(n * width);
+  const norms = new Float64Array(n);
+  let sq = 0;
+  let cos = 0;
+  const colSum = new Float64Array(width);
+  const colSq = new Float64Array(width);
+  const teacherColSum = new Float64Array(width);
+  const teacherColSq = new Float64Array(width);
+  rows.forEach((row, i) => {
+    const out = outputs.subarray(i * width, (i + 1) * width);
+    const teacher = teacherCentered.subarray(row * width, (row + 1) * width);
+    const c = centered.subarray(i * width, (i + 1) * width);
+    let dot = 0;
+    let norm = 0;
+    for (let j = 0; j < width; j++) {
+      const v = out[j] - mean[j];
+      c[j] = v;
+      const d = v - teacher[j];
+      sq += d * d;
+      dot += v * teacher[j];
+      norm += v * v;
+      colSum[j] += v;
+      colSq[j] += v * v;
+      teacherColSum[j] += teacher[j];
+      teacherColSq[j] += teacher[j] * teacher[j];
+    }
+    norms[i] = Math.sqrt(norm);
+    cos += dot / Math.max(norms[i] * teacherNorms[row], 1e-12);
+  });
+  // Retrieval: row i's own target against every held-out target, by centered cosine.
+  let top1 = 0;
+  let top5 = 0;
+  const scores = new Float64Array(all);
+  rows.forEach((row, i) => {
+    const c = centered.subarray(i * width, (i + 1) * width);
+    for (let j = 0; j < all; j++) {
+      const t = teacherCentered.subarray(j * width, (j + 1) * width);
+      let dot = 0;
+      for (let k = 0; k < width; k++) dot += c[k] * t[k];
+      scores[j] = dot / Math.max(norms[i] * teacherNorms[j], 1e-12);
+    }
+    let better = 0;
+    for (let j = 0; j < all; j++) if (j !== row && scores[j] >= scores[row]) better++;
+    if (better === 0) top1++;
+    if (better < 5) top5++;
+  });
+  const variance = (sum: Float64Array, sumSq: Float64Array) => {
+    let v = 0;
+    for (let j = 0; j < width; j++) v += sumSq[j] / n - (sum[j] / n) ** 2;
+    return Math.max(v, 0);
+  };
+  const defined = all >= 2;
+  return {
+    mse: sq / (n * width),
+    r2: 1 - sq / meanSq,
+    centeredCos: cos / n,
+    top1: defined ? top1 / n : null,
+    top5: defined ? top5 / n : null,
+    spread: Math.sqrt(
+      variance(colSum, colSq) / Math.max(variance(teacherColSum, teacherColSq), 1e-30),
+    ),
+  };
+}
+
+/** Per-element mean of the targets of `rows` (seq [seqLen * seqDim], pooled), summed in f64. */
+export async function targetMeans(
+  cache: TargetCache,
+  rows: readonly number[],
+): Promise<Predictions> {
+  const seqSum = new Float64Array(cache.seqLen * cache.seqDim);
+  const pooledSum = new Float64Array(cache.pooledDim);
+  for (let start = 0; start < rows.length; start += READ_CHUNK) {
+    const chunk = rows.slice(start, start + READ_CHUNK);
+    const targets = await cache.readRows(chunk);
+    addColumns(seqSum, targets.seq, chunk.length);
+    addColumns(pooledSum, targets.pooled, chunk.length);
+  }
+  return {
+    seq: Float32Array.from(seqSum, (v) => v / rows.length),
+    pooled: Float32Array.from(pooledSum, (v) => v / rows.length),
+  };
+}
+
+/**
+ * The held-out rows' targets, centered by the training mean, and the references, prepared once
+ * per run; `report` then scores the student's outputs for those rows.
+ */
+export class HeldOutEvaluator {
+  readonly rows: number;
+  readonly mean: Predictions;
+  readonly #teacher: Predictions;
+  readonly #norms: { seq: Float64Array; pooled: Float64Array };
+  readonly #meanSq: { seq: Float64Array; pooled: Float64Array };
+  readonly #slices: Map<string, number[]>;
+  #neighbours: HeldOutFigures | undefined;
+
+  private constructor(
+    mean: Predictions,
+    teacher: Predictions,
+    slices: Map<string, number[]>,
+  ) {
+    this.mean = mean;
+    this.rows = teacher.pooled.length / mean.pooled.length;
+    const parts = ["seq", "pooled"] as const;
+    const norms = { seq: new Float64Array(this.rows), pooled: new Float64Array(this.rows) };
+    const meanSq = { seq: new Float64Array(this.rows), pooled: new Float64Array(this.rows) };
+    for (const part of parts) {
+      const width = mean[part].length;
+      for (let r = 0; r < this.rows; r++) {
+        const row = teacher[part].subarray(r * width, (r + 1) * width);
+        let sq = 0;
+        for (let j = 0; j < width; j++) {
+          row[j] -= mean[part][j];
+          sq += row[j] * row[j];
+        }
+        norms[part][r] = Math.sqrt(sq);
+        meanSq[part][r] = sq;
+      }
+    }
+    this.#teacher = teacher;
+    this.#norms = norms;
+    this.#meanSq = meanSq;
+    this.#slices = slices;
+  }
+
+  /**
+   * Reads the held-out targets and scores the neighbour reference, which reads `NEIGHBOURS`
+   * rows of `pool` (training rows, see `referencePool`) per held-out row; `mean` is
+   * `targetMeans` of the pool.
+   */
+  static async create(
+    cache: TargetCache,
+    heldOut: readonly number[],
+    pool: readonly number[],
+    mean: Predictions,
+  ): Promise<HeldOutEvaluator> {
+    // The project's copy of SDXL's CLIP tokenizer counts CLIP tokens; a remote copy of the
+    // package has no files to read, and then the `long` slice is left out.
+    const clip = CLIP_TOKENIZER_DIR.protocol === "file:"
+      ? await loadClipTokenizer(CLIP_TOKENIZER_DIR.pathname)
+      : undefined;
+    const slices = new Map<string, number[]>();
+    heldOut.forEach((row, i) => {
+      const caption = cache.captions[row];
+      const long = clip?.encode(caption).truncated ?? false;
+      for (const name of sliceNames(cache.ids[row], caption, long)) {
+        slices.set(name, [...(slices.get(name) ?? []), i]);
+      }
+    });
+    // One file holding every row says nothing beyond the whole.
+    for (const [name, rows] of slices) {
+      if (rows.length < 2 || (name.startsWith("file:") && rows.length === heldOut.length)) {
+        slices.delete(name);
+      }
+    }
+    const evaluator = new HeldOutEvaluator(mean, await cache.readRows(heldOut), slices);
+
+    const poolWords = pool.map((row) => captionWords(cache.captions[row]));
+    const index = new Map<string, number[]>();
+    poolWords.forEach((words, i) => {
+      for (const word of words) index.set(word, [...(index.get(word) ?? []), i]);
+    });
+    const guess: Predictions = {
+      seq: new Float32Array(heldOut.length * mean.seq.length),
+      pooled: new Float32Array(heldOut.length * cache.pooledDim),
+    };
+    for (let i = 0; i < heldOut.length; i++) {
+      const near = nearestByWords(
+        captionWords(cache.captions[heldOut[i]]),
+        index,
+        poolWords,
+        NEIGHBOURS,
+      );
+      const targets = await cache.readRows(near.map((p) => pool[p]));
+      for (const part of ["seq", "pooled"] as const) {
+        const width = mean[part].length;
+        const sum = new Float64Array(width);
+        addColumns(sum, targets[part], near.length);
+        guess[part].set(Float32Array.from(sum, (v) => v / near.length), i * width);
+      }
+    }
+    evaluator.#neighbours = evaluator.figures(guess);
+    return evaluator;
+  }
+
+  /** Figures of `outputs` for the held-out rows `subset` (default all), in their order. */
+  figures(outputs: Predictions, subset?: readonly number[]): HeldOutFigures {
+    const rows = subset ?? Array.from({ length: this.rows }, (_, i) => i);
+    const pick = (part: "seq" | "pooled") => {
+      if (!subset) return outputs[part];
+      const width = this.mean[part].length;
+      const out = new Float32Array(rows.length * width);
+      rows.forEach((r, i) =>
+        out.set(outputs[part].subarray(r * width, (r + 1) * width), i * width)
+      );
+      return out;
+    };
+    const meanSq = (part: "seq" | "pooled") => rows.reduce((s, r) => s + this.#meanSq[part][r], 0);
+    const seq = partFigures(
+      pick("seq"),
+      this.#teacher.seq,
+      this.#norms.seq,
+      this.mean.seq,
+      rows,
+      meanSq("seq"),
+    );
+    const pooled = partFigures(
+      pick("pooled"),
+      this.#teacher.pooled,
+      this.#norms.pooled,
+      this.mean.pooled,
+      rows,
+      meanSq("pooled"),
+    );
+    return {
+      rows: rows.length,
+      mseSeq: seq.mse,
+      msePooled: pooled.mse,
+      r2Seq: seq.r2,
+      r2Pooled: pooled.r2,
+      centeredCosSeq: seq.centeredCos,
+      centeredCosPooled: pooled.centeredCos,
+      top1Seq: seq.top1,
+      top5Seq: seq.top5,
+      top1Pooled: pooled.top1,
+      top5Pooled: pooled.top5,
+      spreadSeq: seq.spread,
+      spreadPooled: pooled.spread,
+    };
+  }
+
+  /** The student's outputs for every held-out row, in order, scored beside the references. */
+  report(outputs: Predictions): HeldOutReport {
+    const sum = (part: "seq" | "pooled") => this.#meanSq[part].reduce((s, v) => s + v, 0);
+    const defined = this.rows >= 2;
+    return {
+      student: this.figures(outputs),
+      meanMseSeq: sum("seq") / (this.rows * this.mean.seq.length),
+      meanMsePooled: sum("pooled") / (this.rows * this.mean.pooled.length),
+      neighbours: this.#neighbours!,
+      chanceTop1: defined ? 1 / this.rows : null,
+      chanceTop5: defined ? Math.min(5, this.rows) / this.rows : null,
+      slices: Object.fromEntries(
+        [...this.#slices].map(([name, rows]) => [name, this.figures(outputs, rows)]),
+      ),
+    };
+  }
+}
+
+const fixed = (v: number | null) => v === null ? "not defined (fewer than 2 rows)" : v.toFixed(3);
+
+/** Lines that set the student's held-out figures beside the references and chance. */
+export function describeHeldOut(h: HeldOutReport): string[] {
+  const s = h.student;
+  const nn = h.neighbours;
+  return [
+    `held-out R² (1 - MSE / the mean predictor's MSE; 0 = ignores the prompt), ${s.rows} rows:`,
+    `  seq    ${fixed(s.r2Seq)}  (MSE ${s.mseSeq.toPrecision(4)} vs the mean predictor's ` +
+    `${h.meanMseSeq.toPrecision(4)}; word-neighbour reference ${fixed(nn.r2Seq)})`,
+    `  pooled ${fixed(s.r2Pooled)}  (MSE ${s.msePooled.toPrecision(4)} vs the mean predictor's ` +
+    `${h.meanMsePooled.toPrecision(4)}; word-neighbour reference ${fixed(nn.r2Pooled)})`,
+    `held-out retrieval, own target ranked first among ${s.rows} (chance ${fixed(h.chanceTop1)}):`,
+    `  seq    ${fixed(s.top1Seq)} (top-5 ${fixed(s.top5Seq)}; word neighbours ${
+      fixed(nn.top1Seq)
+    })`,
+    `  pooled ${fixed(s.top1Pooled)} (top-5 ${fixed(s.top5Pooled)}; word neighbours ` +
+    `${fixed(nn.top1Pooled)})`,
+  ];
+}
