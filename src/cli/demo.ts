@@ -78,22 +78,29 @@ Options:
   --limit <n>      use only the first n prompts (default: all 256)
   -h, --help       show this help`;
 
-/** Refuses to clear a folder that a demo did not make. */
-async function prepareOut(out: string): Promise<void> {
+/**
+ * Empties `out` for a new run of `command`, refusing a folder that `command` did not make (it
+ * holds the `marker` file when it did).
+ */
+export async function prepareOut(out: string, marker = MARKER, command = "demo"): Promise<void> {
   let entries: string[] = [];
   try {
     entries = (await Array.fromAsync(Deno.readDir(out))).map((e) => e.name);
   } catch (err) {
     if (!(err instanceof Deno.errors.NotFound)) throw err;
   }
-  if (entries.length > 0 && !entries.includes(MARKER)) {
+  if (entries.length > 0 && !entries.includes(marker)) {
     throw new UsageError(
-      `demo: ${out} exists and was not made by the demo; pass an empty or new --out folder`,
+      `${command}: ${out} exists and was not made by the ${command}; pass an empty or new ` +
+        `--out folder`,
     );
   }
   await Deno.remove(out, { recursive: true }).catch(() => {});
   await Deno.mkdir(out, { recursive: true });
-  await Deno.writeTextFile(join(out, MARKER), "made by distill demo; deleted on its next run\n");
+  await Deno.writeTextFile(
+    join(out, marker),
+    `made by distill ${command}; deleted on its next run\n`,
+  );
 }
 
 export interface DemoResult {

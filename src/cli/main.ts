@@ -1,11 +1,19 @@
 import { type Command, UsageError } from "./args.ts";
 import { cacheCommand } from "./cache.ts";
+import { benchLearnCommand } from "./bench_learn.ts";
 import { demoCommand } from "./demo.ts";
 import { encodeCommand } from "./encode.ts";
 import { infoCommand } from "./info.ts";
 import { trainCommand } from "./train.ts";
 
-const COMMANDS: Command[] = [infoCommand, cacheCommand, trainCommand, encodeCommand, demoCommand];
+const COMMANDS: Command[] = [
+  infoCommand,
+  cacheCommand,
+  trainCommand,
+  encodeCommand,
+  demoCommand,
+  benchLearnCommand,
+];
 
 function usage(): string {
   const lines = COMMANDS.map((c) => `  ${c.name.padEnd(10)} ${c.summary}`);

@@ -51,6 +51,9 @@ Data and model:
                               trained adapter in <out>/adapter (what 'encode' reads)
   --held-out <fraction>       share of captions held out for evaluation, chosen by caption
                               hash (default ${DEFAULT_HELD_OUT_FRACTION}; 0: no evaluation)
+  --held-out-files <list>     instead of --held-out: hold out the rows of these caption files
+                              (comma-separated names without extension, e.g. color_val); a
+                              held-out caption that also occurs in training is left out
   --prompt-mode <mode>        ${
     QWEN_PROMPT_MODES.join(" or ")
   }: wrap each caption in the chat template, or
@@ -134,6 +137,7 @@ export const TRAIN_OPTIONS = {
   qwen: { type: "string" },
   out: { type: "string" },
   "held-out": { type: "string" },
+  "held-out-files": { type: "string" },
   "prompt-mode": { type: "string" },
   "max-tokens": { type: "string" },
   "batch-size": { type: "string" },
@@ -219,6 +223,7 @@ export function parseTrainArgs(args: string[]): TrainOptions | undefined {
     qwen: v.qwen!,
     out: v.out!,
     heldOutFraction: number("held-out", v["held-out"]),
+    heldOutFiles: v["held-out-files"]?.split(",").map((f) => f.trim()).filter(Boolean),
     batchSize: integer("batch-size", v["batch-size"], 1),
     microBatch: integer("micro-batch", v["micro-batch"], 1),
     gradAccum: integer("grad-accum", v["grad-accum"], 1),

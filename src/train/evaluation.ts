@@ -74,6 +74,12 @@ export function captionWords(caption: string): Set<string> {
   return new Set(caption.toLowerCase().match(/[\p{L}\p{N}]+/gu) ?? []);
 }
 
+/** The caption file of a row id, without folder and extension (`dir/name.txt:12` -> `name`). */
+export function captionFileStem(id: string): string {
+  const file = id.includes(":") ? id.slice(0, id.lastIndexOf(":")) : id;
+  return basename(file).replace(/\.[^.]*$/, "");
+}
+
 const NEGATION = /\b(no|not|without|never|none|nobody|nothing|neither|nor)\b|n't\b/i;
 
 /**
@@ -83,10 +89,8 @@ const NEGATION = /\b(no|not|without|never|none|nobody|nothing|neither|nor)\b|n't
  */
 export function sliceNames(id: string, caption: string, clipTruncated: boolean): string[] {
   const names: string[] = [];
-  const file = id.includes(":") ? id.slice(0, id.lastIndexOf(":")) : "";
-  if (file) {
-    const stem = basename(file).replace(/\.[^.]*$/, "").replace(/_(train|val|test)(_.*)?$/, "");
-    names.push(`file:${stem}`);
+  if (id.includes(":")) {
+    names.push(`file:${captionFileStem(id).replace(/_(train|val|test)(_.*)?$/, "")}`);
   }
   if (NEGATION.test(caption)) names.push("negation");
   if (clipTruncated) names.push("long");

@@ -350,16 +350,23 @@ function renderChart(spec: ChartSpec): string {
       }L${column + 4} ${y - 4}"><title>${escapeHtml(entries.join("\n"))}</title></path>`,
     );
   }
+  // The legend: one row above the plot, or two when the entries do not fit in one.
+  const widths = present.map(({ series }) => 36 + series.name.length * 6.6);
+  const oneRow = widths.reduce((a, b) => a + b, 0) <= PLOT_W;
   let lx = PLOT.left;
-  for (const { series, i } of present) {
+  let ly = oneRow ? 18 : 10;
+  present.forEach(({ series, i }, k) => {
+    if (!oneRow && ly === 10 && lx + widths[k] > PLOT.right) [lx, ly] = [PLOT.left, 26];
+    const kind = series.reference ? " ref" : "";
     parts.push(
-      `<g class="s${i} legend"><line class="line" x1="${lx}" x2="${lx + 18}" y1="18" y2="18"/>`,
-      series.dots ? `<circle class="dot" cx="${lx + 9}" cy="18" r="3"/>` : "",
-      svgText(lx + 24, 22, series.name, 'class="tick"'),
+      `<g class="s${(series.colour ?? i) % PALETTE}${kind} legend">` +
+        `<line class="line" x1="${lx}" x2="${lx + 18}" y1="${ly}" y2="${ly}"/>`,
+      series.dots ? `<circle class="dot" cx="${lx + 9}" cy="${ly}" r="3"/>` : "",
+      svgText(lx + 24, ly + 4, series.name, 'class="tick"'),
       `</g>`,
     );
-    lx += 36 + series.name.length * 6.6;
-  }
+    lx += widths[k];
+  });
   parts.push(`</svg>`);
   const captions = [
     ...(smoothingSpan
@@ -385,7 +392,7 @@ function referenceSeries(
   firstColour = 0,
 ): Series[] {
   return (["seq", "pooled"] as const).map((part, i) => ({
-    name: `${name}, ${part}`,
+    name: `${name} ${part}`,
     points: evalSeries(evals, value[part]),
     reference: true,
     colour: firstColour + i,
@@ -593,7 +600,7 @@ export function renderReport(records: MetricsRecord[], options: ReportOptions): 
         { name: "total", points: evalSeries(evals, (r) => r.heldout_loss), dots: true },
         { name: "seq", points: evalSeries(evals, (r) => r.heldout_loss_seq), dots: true },
         { name: "pooled", points: evalSeries(evals, (r) => r.heldout_loss_pooled), dots: true },
-        ...referenceSeries(evals, "mean predictor", {
+        ...referenceSeries(evals, "mean", {
           seq: (r) => r.mean_loss_seq,
           pooled: (r) => r.mean_loss_pooled,
         }, 1),
@@ -608,12 +615,12 @@ export function renderReport(records: MetricsRecord[], options: ReportOptions): 
       series: [
         { name: "seq", points: evalSeries(evals, (r) => r.r2_seq), dots: true },
         { name: "pooled", points: evalSeries(evals, (r) => r.r2_pooled), dots: true },
-        ...referenceSeries(evals, "word neighbours", {
+        ...referenceSeries(evals, "neighbours", {
           seq: (r) => r.nn_r2_seq,
           pooled: (r) => r.nn_r2_pooled,
         }),
         {
-          name: "mean predictor (0)",
+          name: "mean (0)",
           points: evalSeries(evals, (r) => r.r2_seq === undefined ? undefined : 0),
           reference: true,
           colour: 4,
@@ -629,7 +636,7 @@ export function renderReport(records: MetricsRecord[], options: ReportOptions): 
       series: [
         { name: "seq", points: evalSeries(evals, (r) => r.top1_seq), dots: true },
         { name: "pooled", points: evalSeries(evals, (r) => r.top1_pooled), dots: true },
-        ...referenceSeries(evals, "word neighbours", {
+        ...referenceSeries(evals, "neighbours", {
           seq: (r) => r.nn_top1_seq,
           pooled: (r) => r.nn_top1_pooled,
         }),

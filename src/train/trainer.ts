@@ -80,6 +80,7 @@ import {
 import { writeReport } from "./report.ts";
 import { Rng } from "./rng.ts";
 import {
+  captionFileStem,
   describeHeldOut,
   HeldOutEvaluator,
   type HeldOutReport,
@@ -155,6 +156,13 @@ export interface TrainOptions {
   seed?: number;
   /** Share of the captions held out for evaluation (by caption hash); 0 disables evaluation. */
   heldOutFraction?: number;
+  /**
+   * Instead of a fraction: hold out every row from these caption files (the file name of its
+   * id without the extension, e.g. `color_val` for `t2i/color_val.txt:12`). Rows of those files
+   * whose caption also occurs among the training rows are dropped, so no held-out caption was
+   * trained on.
+   */
+  heldOutFiles?: string[];
   /** Evaluate every this many steps (also before the first and after the last); 0: only those. */
   evalEvery?: number;
   /** Evaluate on at most this many held-out rows (the same ones each time); 0: all. */
@@ -190,6 +198,7 @@ export interface TrajectoryConfig {
   warmupRatio: number;
   seed: number;
   heldOutFraction: number;
+  heldOutFiles: string[];
   lora: LoraConfig;
   resampler: ResamplerShape;
   prompt: PromptSettings;
@@ -424,6 +433,7 @@ export function resolveTrainConfig(options: TrainOptions): TrainConfig {
     warmupRatio,
     seed: nonNegativeInteger("seed", options.seed ?? 0) >>> 0,
     heldOutFraction,
+    heldOutFiles: [...(options.heldOutFiles ?? [])],
     lora,
     resampler,
     prompt,
@@ -455,6 +465,7 @@ export function trajectoryOf(c: TrainConfig): TrajectoryConfig {
     warmupRatio: c.warmupRatio,
     seed: c.seed,
     heldOutFraction: c.heldOutFraction,
+    heldOutFiles: c.heldOutFiles,
     lora: c.lora,
     resampler: c.resampler,
     prompt: c.prompt,
@@ -513,6 +524,41 @@ export function splitCacheRows(captions: readonly string[], fraction: number): D
     );
   }
   return { train, heldOut, warnings };
+}
+
+/**
+ * Holds out the rows of the caption files `files` (see `TrainOptions.heldOutFiles`), ordered by
+ * caption hash so any first n of them are a random sample; a held-out caption that also occurs
+ * among the training rows is dropped from both sides.
+ */
+export function splitCacheRowsByFile(
+  ids: readonly string[],
+  captions: readonly string[],
+  files: readonly string[],
+): DataSplit {
+  const wanted = new Set(files);
+  const train: number[] = [];
+  const candidates: number[] = [];
+  ids.forEach((id, i) => (wanted.has(captionFileStem(id)) ? candidates : train).push(i));
+  const found = new Set(candidates.map((i) => captionFileStem(ids[i])));
+  const missing = files.filter((f) => !found.has(f));
+  if (missing.length) {
+    throw new Error(
+      `held-out files ${missing.join(", ")} hold no row of the cache; its files are ` +
+        `${[...new Set(ids.map(captionFileStem))].slice(0, 12).join(", ")}`,
+    );
+  }
+  const trained = new Set(train.map((i) => captions[i]));
+  const heldOut = candidates.filter((i) => !trained.has(captions[i]))
+    .sort((a, b) => heldOutScore(captions[a]) - heldOutScore(captions[b]) || a - b);
+  const dropped = candidates.length - heldOut.length;
+  return {
+    train,
+    heldOut,
+    warnings: dropped
+      ? [`${dropped} held-out rows repeat a training caption and are left out of both sides`]
+      : [],
+  };
 }
 
 /** Optimizer steps per epoch (the last incomplete batch of an epoch is dropped) and in all. */
@@ -1048,7 +1094,9 @@ export async function train(options: TrainOptions, hooks: TrainHooks = {}): Prom
 
   // Everything cheap is checked before the weights are read.
   const cache = await openTargetCache(config.cache);
-  const split = splitCacheRows(cache.captions, config.heldOutFraction);
+  const split = config.heldOutFiles.length
+    ? splitCacheRowsByFile(cache.ids, cache.captions, config.heldOutFiles)
+    : splitCacheRows(cache.captions, config.heldOutFraction);
   for (const warning of split.warnings) log(`train: warning: ${warning}`);
   if (split.train.length < config.stepBatch) {
     throw new Error(

@@ -65,6 +65,8 @@ Deno.test("learning: on held-out captions the student beats the mean predictor a
   assert.ok(s.r2Pooled > 0.1, `pooled barely beats ignoring the prompt: ${describe(h)}`);
   assert.ok(s.top5Seq! > 1.8 * h.chanceTop5!, `seq retrieval near chance: ${describe(h)}`);
   assert.ok(s.centeredCosSeq > 0.1 && s.centeredCosPooled > 0.2, describe(h));
+  // The prompt-aware reference that needs no training also beats the mean here.
+  assert.ok(h.neighbours.r2Pooled > 0.1, `word neighbours: R² ${h.neighbours.r2Pooled}`);
   // The student's outputs move with the prompt, though less than the teacher's.
   assert.ok(s.spreadSeq > 0.1 && s.spreadPooled > 0.1, describe(h));
 });

@@ -13,7 +13,7 @@ import { syntheticRun } from "./synthetic_run.ts";
 
 /** A data point's dot (legend dots have no tooltip). */
 const DATA_DOT = /<circle class="dot"[^>]*><title>/;
-const CHART_IDS = ["loss", "heldout", "cosine", "grad-norm", "lr", "throughput"];
+const CHART_IDS = ["loss", "heldout", "r2", "retrieval", "cosine", "grad-norm", "lr", "throughput"];
 
 function count(text: string, pattern: RegExp): number {
   return text.match(new RegExp(pattern.source, "g"))?.length ?? 0;
@@ -46,12 +46,20 @@ Deno.test("report: plots, summary and config of a 500-step run with 10 evals", (
   assertWellFormed(html);
   assert.ok(html.includes("<title>run &#60;one&#62; &#38; co</title>"), "title escaped");
 
-  // Series: 4 in loss, 3 held-out, 2 cosine, 3 grad norm, 2 lr, 1 throughput.
-  assert.equal(count(html, /<g class="s\d( sparse)?" clip-path/), 15);
-  assert.equal(count(html, /<g class="s\d legend">/), 15);
-  // Dense step series are drawn raw and smoothed; evals as dots (4 eval series x 10 + lr none).
+  // Series: 4 in loss, 3 + 2 references held-out, 2 + 3 references in R² and in retrieval,
+  // 2 cosine, 3 grad norm, 2 lr, 1 throughput.
+  assert.equal(count(html, /<g class="s\d( sparse| ref)?" clip-path/), 27);
+  assert.equal(count(html, /<g class="s\d ref" clip-path/), 8);
+  assert.equal(count(html, /<g class="s\d( ref)? legend">/), 27);
+  // Dense step series are drawn raw and smoothed; evals as dots (10 eval series x 10), the
+  // references as dashed lines without dots.
   assert.equal(count(html, /class="line raw"/), 7);
-  assert.equal(count(html, DATA_DOT), 6 * 10);
+  assert.equal(count(html, DATA_DOT), 10 * 10);
+  assert.match(
+    html,
+    /Held-out R², last<\/th><td>seq [-\d.]+, pooled [-\d.]+ \(mean predictor 0; word neighbours seq 0\.3, pooled 0\.35\)/,
+  );
+  assert.match(html, /Retrieval top-1 \/ top-5, last<\/th><td>seq [\d.]+ \/ not defined/);
   assert.match(html, /MSE \(log scale\)/, "loss spanning decades gets a log axis");
   assert.match(html, /L2 norm \(log scale\)/);
   assert.doesNotMatch(html, /learning rate \(log scale\)/);
@@ -77,7 +85,7 @@ Deno.test("report: plots, summary and config of a 500-step run with 10 evals", (
 Deno.test("report: no evals yet, and no steps yet", () => {
   const noEval = renderReport(syntheticRun({ steps: 30, evals: 0 }), { title: "t" });
   assertWellFormed(noEval);
-  assert.equal(count(noEval, />No evaluation yet</), 2);
+  assert.equal(count(noEval, />No evaluation yet</), 4);
   assert.match(noEval, /Held-out loss<\/th><td>no evaluation yet/);
   assert.doesNotMatch(noEval, />held-out</, "an absent series has no legend entry");
 
@@ -91,8 +99,9 @@ Deno.test("report: no evals yet, and no steps yet", () => {
 Deno.test("report: one step and one eval", () => {
   const html = renderReport(syntheticRun({ steps: 1, evals: 1 }), { title: "t" });
   assertWellFormed(html);
-  // Every series is a lone dot, and the step axis has whole-number ticks around it.
-  assert.equal(count(html, DATA_DOT), 15);
+  // Every series but the dashed references is a lone dot, and the step axis has whole-number
+  // ticks around it.
+  assert.equal(count(html, DATA_DOT), 19);
   assert.doesNotMatch(html, /text-anchor="middle">0\.5</);
   assert.match(html, /text-anchor="middle">1</);
 });
@@ -197,15 +206,17 @@ async function decodePng(bytes: Uint8Array) {
   return { width, height, pixel };
 }
 
-Deno.test("report: renders in headless Chromium, light and dark", async () => {
+const HAS_CHROMIUM = await Deno.stat(DEFAULT_CHROMIUM).then(() => true, () => false);
+
+Deno.test({
+  name: `report: renders in headless Chromium, light and dark${
+    HAS_CHROMIUM ? "" : ` (ignored: ${DEFAULT_CHROMIUM} is absent; apt-get install chromium)`
+  }`,
+  ignore: !HAS_CHROMIUM,
+}, async () => {
   const records = syntheticRun({ steps: 500, evals: 10 });
   const html = renderReport(records, { title: "chromium check" });
   assertWellFormed(html);
-  const chromium = await Deno.stat(DEFAULT_CHROMIUM).catch(() => null);
-  if (!chromium) {
-    console.log(`${DEFAULT_CHROMIUM} absent: checked the report's HTML statically only`);
-    return;
-  }
   const dir = await Deno.makeTempDir({ prefix: "distill-report-chromium-" });
   const htmlPath = join(dir, REPORT_FILE);
   await Deno.writeTextFile(htmlPath, html);

@@ -59,6 +59,18 @@ export function syntheticRun(options: SyntheticRunOptions): MetricsRecord[] {
         heldout_loss_pooled: heldoutPooled,
         cos_seq: 1 - heldoutSeq * 0.6,
         cos_pooled: 1 - heldoutPooled * 0.5,
+        // The references of src/train/evaluation.ts: constant over the run.
+        mean_loss_seq: 0.5,
+        mean_loss_pooled: 0.8,
+        r2_seq: 1 - heldoutSeq / 0.5,
+        r2_pooled: 1 - heldoutPooled / 0.8,
+        top1_seq: 0.5 - heldoutSeq / 2,
+        top1_pooled: 0.6 - heldoutPooled / 2,
+        chance_top1: 0.01,
+        nn_r2_seq: 0.3,
+        nn_r2_pooled: 0.35,
+        nn_top1_seq: 0.55,
+        nn_top1_pooled: 0.65,
       };
       records.push(evalRecord);
     }
