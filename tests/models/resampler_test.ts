@@ -197,10 +197,30 @@ Deno.test("initResampler follows PyTorch's defaults and is reproducible from the
   assert.ok(std > 0.15 && std < 0.35, `latents std ${std}, expected about 16^-0.5 = 0.25`);
 });
 
-Deno.test("resampler parameter count at the defaults with a 2560-wide student", () => {
-  const count = resamplerParamCount({ dimIn: 2560, ...RESAMPLER_DEFAULTS });
-  console.log(`resampler parameters (defaults, dim_in 2560): ${count}`);
-  assert.equal(count, 213_601_536);
+/** The parameter count from the architecture, written out independently of `paramSpecs`. */
+function closedFormCount(c: ResamplerConfig): number {
+  const inner = c.heads * c.dimHead;
+  const norm = 2 * c.dim;
+  const block = 3 * norm + inner * c.dim + 2 * inner * c.dim + c.dim * inner +
+    2 * c.ffMult * c.dim * c.dim;
+  return c.numQueries * c.dim + (c.dimIn * c.dim + c.dim) + c.depth * block +
+    (c.dimSeq * c.dim + c.dimSeq) + norm + (c.dimPooled * c.dim + c.dimPooled) +
+    c.numPositions * c.dim + (c.seqBias ? c.numQueries * c.dimSeq : 0);
+}
+
+Deno.test("resampler parameter count matches the closed formula, defaults and options", () => {
+  const defaults = { dimIn: 2560, ...RESAMPLER_DEFAULTS };
+  assert.equal(resamplerParamCount(defaults), 213_601_536);
+  for (
+    const config of [
+      defaults,
+      TINY,
+      { ...TINY, numPositions: 7, seqBias: true },
+      { ...defaults, numPositions: 256, seqBias: true },
+    ]
+  ) {
+    assert.equal(resamplerParamCount(config), closedFormCount(config), JSON.stringify(config));
+  }
 });
 
 Deno.test("saveResampler and loadResampler round-trip config and weights", async () => {

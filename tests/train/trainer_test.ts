@@ -243,9 +243,15 @@ Deno.test("train: a NaN in the cache stops training with the shard and row named
 Deno.test("train: a diverging run stops at the first non-finite loss, logged", async () => {
   await setup();
   const gpu = await testGpu();
-  const opts = options("diverge", { maxSteps: 6, lr: { resampler: 1e30, lora: 1e30 } });
+  // Without a held-out split: no held-out figures, and the log says how to get them.
+  const opts = options("diverge", {
+    maxSteps: 6,
+    lr: { resampler: 1e30, lora: 1e30 },
+    heldOutFraction: 0,
+  });
+  const lines: string[] = [];
   await rejectsWith(
-    () => train(opts, { gpu, log: () => {} }),
+    () => train(opts, { gpu, log: (line) => lines.push(line) }),
     "training diverged at step",
     "Start a new run with lower learning rates",
   );
@@ -254,6 +260,7 @@ Deno.test("train: a diverging run stops at the first non-finite loss, logged", a
     last.type === "step" && !Number.isFinite(last.loss),
     `last loss ${JSON.stringify(last)}`,
   );
+  assert.ok(lines.some((l) => /no held-out rows .*--held-out 0\.05/.test(l)), lines.join("\n"));
 });
 
 Deno.test("train: bad models, LoRA targets and batch sizes are refused before the weights load", async () => {
