@@ -145,6 +145,12 @@ export {
   type TrainProgress,
   type TrainResult,
 } from "./src/train/trainer.ts";
+// Held-out figures beside the prompt-independent mean predictor and a word-neighbour reference.
+export {
+  describeHeldOut,
+  type HeldOutFigures,
+  type HeldOutReport,
+} from "./src/train/evaluation.ts";
 export {
   type BaseModelRecord,
   type DistillConfig,

@@ -29,35 +29,47 @@ const READ_CHUNK = 64;
 
 /** Figures of one predictor on some held-out rows. */
 export interface HeldOutFigures {
+  /** Held-out rows scored. */
   rows: number;
-  /** Mean squared error over every element. */
+  /** Mean squared error of the sequence output over every element. */
   mseSeq: number;
+  /** Mean squared error of the pooled output over every element. */
   msePooled: number;
-  /** 1 - MSE / MSE of the mean predictor on the same rows. */
+  /** 1 - MSE / the mean predictor's MSE on the same rows, sequence output. */
   r2Seq: number;
+  /** 1 - MSE / the mean predictor's MSE on the same rows, pooled output. */
   r2Pooled: number;
   /** Mean over rows of the cosine of (output - mean) and (teacher - mean), seq flattened. */
   centeredCosSeq: number;
+  /** The same for the pooled output. */
   centeredCosPooled: number;
-  /** Share of rows whose own teacher target ranks first (top-5) among all held-out ones; null below 2 rows. */
+  /** Share of rows whose own teacher target ranks first among all held-out ones (seq); null below 2 rows. */
   top1Seq: number | null;
+  /** Share ranking it in the first 5 (seq); null below 2 rows. */
   top5Seq: number | null;
+  /** `top1Seq` for the pooled output. */
   top1Pooled: number | null;
+  /** `top5Seq` for the pooled output. */
   top5Pooled: number | null;
-  /** Standard deviation across prompts of the outputs over the teacher's (total over features). */
+  /** Standard deviation across prompts of the sequence outputs over the teacher's. */
   spreadSeq: number;
+  /** The same for the pooled output. */
   spreadPooled: number;
 }
 
 /** A held-out evaluation: the student's figures, the references' and the chance levels. */
 export interface HeldOutReport {
+  /** The student's figures. */
   student: HeldOutFigures;
-  /** The mean predictor's MSE on the same rows (its R² is 0 by definition). */
+  /** The mean predictor's sequence MSE on the same rows (its R² is 0 by definition). */
   meanMseSeq: number;
+  /** The mean predictor's pooled MSE on the same rows. */
   meanMsePooled: number;
+  /** The word-neighbour reference's figures. */
   neighbours: HeldOutFigures;
-  /** Retrieval by chance among these rows; null below 2 rows. */
+  /** Top-1 retrieval by chance among these rows; null below 2 rows. */
   chanceTop1: number | null;
+  /** Top-5 retrieval by chance; null below 2 rows. */
   chanceTop5: number | null;
   /** The student's figures per slice with at least 2 rows. */
   slices: Record<string, HeldOutFigures>;
