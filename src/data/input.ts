@@ -1,0 +1,164 @@
+/**
+ * Byte input for the caption readers. A file that starts with the gzip magic bytes (1f 8b) is
+ * inflated on the fly, whatever its name, by node:zlib's streaming inflater (the README's
+ * dependency table says why this one); nothing holds more than a chunk of either form.
+ */
+
+import { createReadStream } from "node:fs";
+import { createGunzip } from "node:zlib";
+import { DataError } from "./collect.ts";
+
+const CHUNK = 1 << 20;
+
+/** Whether the file starts with gzip's magic bytes. */
+export async function isGzipFile(path: string): Promise<boolean> {
+  using file = await Deno.open(path, { read: true });
+  const head = new Uint8Array(2);
+  return await readFull(file, head) === 2 && head[0] === 0x1f && head[1] === 0x8b;
+}
+
+/** Fills `buf` from the current position; returns how many bytes the file still had. */
+export async function readFull(file: Deno.FsFile, buf: Uint8Array): Promise<number> {
+  let done = 0;
+  while (done < buf.length) {
+    const n = await file.read(buf.subarray(done));
+    if (n === null) break;
+    done += n;
+  }
+  return done;
+}
+
+const REGET = "Fix: download or copy the file again; `gzip -t FILE` checks a gzip file.";
+
+/** The inflater's error as a DataError naming the file and the compressed byte offset. */
+function gzipError(path: string, error: unknown, consumed: number, inflated: number): DataError {
+  const { code, message } = error as { code?: string; message: string };
+  if (code === "Z_BUF_ERROR") {
+    return new DataError(
+      `${path}: the gzip data ends at byte ${Deno.statSync(path).size} before the stream is ` +
+        `complete (truncated; ${inflated} bytes inflated). ${REGET}`,
+    );
+  }
+  return new DataError(
+    `${path}: corrupt gzip data at or after compressed byte offset ${consumed} (${message}; ` +
+      `${inflated} bytes inflated before it). ${REGET}`,
+  );
+}
+
+/**
+ * The inflated bytes of a gzip file, in chunks. Concatenated gzip members (`cat a.gz b.gz`)
+ * read as one stream, as `gzip -d` reads them; a truncated file or a bad checksum is an error.
+ */
+async function* gunzipChunks(path: string): AsyncGenerator<Uint8Array> {
+  const gunzip = createGunzip({ chunkSize: 1 << 16 });
+  const input = createReadStream(path, { highWaterMark: CHUNK });
+  input.on("error", (error) => gunzip.destroy(error));
+  input.pipe(gunzip);
+  let inflated = 0;
+  try {
+    for await (const chunk of gunzip) {
+      inflated += chunk.length;
+      yield chunk;
+    }
+  } catch (error) {
+    throw gzipError(path, error, gunzip.bytesWritten, inflated);
+  } finally {
+    input.destroy();
+    gunzip.destroy();
+  }
+}
+
+async function* plainChunks(path: string): AsyncGenerator<Uint8Array> {
+  using file = await Deno.open(path, { read: true });
+  for (;;) {
+    const buffer = new Uint8Array(CHUNK);
+    const n = await file.read(buffer);
+    if (n === null) return;
+    yield buffer.subarray(0, n);
+  }
+}
+
+/** The file's bytes in chunks, inflated when the file is gzip. */
+export async function* fileChunks(path: string): AsyncGenerator<Uint8Array> {
+  yield* (await isGzipFile(path)) ? gunzipChunks(path) : plainChunks(path);
+}
+
+/** Sequential reads and skips over a file's (inflated) bytes. */
+export interface ByteReader {
+  /** Whether the bytes are inflated from gzip (offsets then count inflated bytes). */
+  readonly gzip: boolean;
+  /** The byte count when known before reading (a plain file), for early truncation checks. */
+  readonly size: number | undefined;
+  /** Fills `buf` from the current position; returns how many bytes there were. */
+  read(buf: Uint8Array): Promise<number>;
+  /** Moves `n` bytes on; returns how many there were. */
+  skip(n: number): Promise<number>;
+  close(): Promise<void>;
+}
+
+/** A plain file: skips are seeks, so data never read is never loaded. */
+class FileByteReader implements ByteReader {
+  readonly gzip = false;
+  constructor(private file: Deno.FsFile, readonly size: number) {}
+
+  read(buf: Uint8Array): Promise<number> {
+    return readFull(this.file, buf);
+  }
+
+  async skip(n: number): Promise<number> {
+    const from = await this.file.seek(0, Deno.SeekMode.Current);
+    const to = Math.min(this.size, from + n);
+    await this.file.seek(to, Deno.SeekMode.Start);
+    return to - from;
+  }
+
+  close(): Promise<void> {
+    this.file.close();
+    return Promise.resolve();
+  }
+}
+
+/** Inflated gzip: skipped bytes are inflated and dropped, one chunk at a time. */
+class ChunkByteReader implements ByteReader {
+  readonly gzip = true;
+  readonly size = undefined;
+  #chunk: Uint8Array = new Uint8Array(0);
+
+  constructor(private chunks: AsyncGenerator<Uint8Array>) {}
+
+  /** Moves up to `n` bytes on, copying them into `into` when given. */
+  async #take(n: number, into?: Uint8Array): Promise<number> {
+    let done = 0;
+    while (done < n) {
+      if (this.#chunk.length === 0) {
+        const next = await this.chunks.next();
+        if (next.done) break;
+        this.#chunk = next.value;
+      }
+      const k = Math.min(n - done, this.#chunk.length);
+      into?.set(this.#chunk.subarray(0, k), done);
+      this.#chunk = this.#chunk.subarray(k);
+      done += k;
+    }
+    return done;
+  }
+
+  read(buf: Uint8Array): Promise<number> {
+    return this.#take(buf.length, buf);
+  }
+
+  skip(n: number): Promise<number> {
+    return this.#take(n);
+  }
+
+  async close(): Promise<void> {
+    await this.chunks.return(undefined);
+  }
+}
+
+/** A reader over the file's bytes, inflated when the file is gzip. */
+export async function openByteReader(path: string): Promise<ByteReader> {
+  if (await isGzipFile(path)) return new ChunkByteReader(gunzipChunks(path));
+  const file = await Deno.open(path, { read: true });
+  return new FileByteReader(file, (await file.stat()).size);
+}
