@@ -88,6 +88,9 @@ export async function* tarMembers(path: string): AsyncGenerator<TarMember> {
   const input = await openByteReader(path);
   try {
     yield* members(path, input);
+    // Inflating what follows the end blocks checks the gzip's length and checksum, so a
+    // truncated or corrupt file is an error even when every member came through.
+    while (await input.skip(1 << 20) > 0);
   } finally {
     await input.close();
   }
