@@ -18,7 +18,7 @@ export async function isGzipFile(path: string): Promise<boolean> {
 }
 
 /** Fills `buf` from the current position; returns how many bytes the file still had. */
-export async function readFull(file: Deno.FsFile, buf: Uint8Array): Promise<number> {
+async function readFull(file: Deno.FsFile, buf: Uint8Array): Promise<number> {
   let done = 0;
   while (done < buf.length) {
     const n = await file.read(buf.subarray(done));
@@ -68,14 +68,18 @@ async function* gunzipChunks(path: string): AsyncGenerator<Uint8Array> {
   }
 }
 
-async function* plainChunks(path: string): AsyncGenerator<Uint8Array> {
-  using file = await Deno.open(path, { read: true });
+async function* chunksOf(file: Deno.FsFile): AsyncGenerator<Uint8Array> {
   for (;;) {
     const buffer = new Uint8Array(CHUNK);
     const n = await file.read(buffer);
     if (n === null) return;
     yield buffer.subarray(0, n);
   }
+}
+
+async function* plainChunks(path: string): AsyncGenerator<Uint8Array> {
+  using file = await Deno.open(path, { read: true });
+  yield* chunksOf(file);
 }
 
 /** The file's bytes in chunks, inflated when the file is gzip. */
@@ -96,41 +100,32 @@ export interface ByteReader {
   close(): Promise<void>;
 }
 
-/** A plain file: skips are seeks, so data never read is never loaded. */
-class FileByteReader implements ByteReader {
-  readonly gzip = false;
-  constructor(private file: Deno.FsFile, readonly size: number) {}
-
-  read(buf: Uint8Array): Promise<number> {
-    return readFull(this.file, buf);
-  }
-
-  async skip(n: number): Promise<number> {
-    const from = await this.file.seek(0, Deno.SeekMode.Current);
-    const to = Math.min(this.size, from + n);
-    await this.file.seek(to, Deno.SeekMode.Start);
-    return to - from;
-  }
-
-  close(): Promise<void> {
-    this.file.close();
-    return Promise.resolve();
-  }
-}
-
-/** Inflated gzip: skipped bytes are inflated and dropped, one chunk at a time. */
+/**
+ * Reads and skips over chunks. A plain file's skip past the chunk in hand is a seek, so data
+ * never read is never loaded; inflated gzip is inflated and dropped, one chunk at a time.
+ */
 class ChunkByteReader implements ByteReader {
-  readonly gzip = true;
-  readonly size = undefined;
   #chunk: Uint8Array = new Uint8Array(0);
 
-  constructor(private chunks: AsyncGenerator<Uint8Array>) {}
+  constructor(
+    private chunks: AsyncGenerator<Uint8Array>,
+    private file?: { handle: Deno.FsFile; size: number },
+  ) {}
+
+  get gzip(): boolean {
+    return this.file === undefined;
+  }
+
+  get size(): number | undefined {
+    return this.file?.size;
+  }
 
   /** Moves up to `n` bytes on, copying them into `into` when given. */
   async #take(n: number, into?: Uint8Array): Promise<number> {
     let done = 0;
     while (done < n) {
       if (this.#chunk.length === 0) {
+        if (!into && this.file && n - done > CHUNK) return done + await this.#seek(n - done);
         const next = await this.chunks.next();
         if (next.done) break;
         this.#chunk = next.value;
@@ -143,6 +138,14 @@ class ChunkByteReader implements ByteReader {
     return done;
   }
 
+  async #seek(n: number): Promise<number> {
+    const { handle, size } = this.file!;
+    const from = await handle.seek(0, Deno.SeekMode.Current);
+    const to = Math.min(size, from + n);
+    await handle.seek(to, Deno.SeekMode.Start);
+    return to - from;
+  }
+
   read(buf: Uint8Array): Promise<number> {
     return this.#take(buf.length, buf);
   }
@@ -153,12 +156,14 @@ class ChunkByteReader implements ByteReader {
 
   async close(): Promise<void> {
     await this.chunks.return(undefined);
+    this.file?.handle.close();
   }
 }
 
 /** A reader over the file's bytes, inflated when the file is gzip. */
 export async function openByteReader(path: string): Promise<ByteReader> {
   if (await isGzipFile(path)) return new ChunkByteReader(gunzipChunks(path));
-  const file = await Deno.open(path, { read: true });
-  return new FileByteReader(file, (await file.stat()).size);
+  const handle = await Deno.open(path, { read: true });
+  const size = (await handle.stat()).size;
+  return new ChunkByteReader(chunksOf(handle), { handle, size });
 }
