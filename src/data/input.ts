@@ -39,9 +39,10 @@ function gzipError(path: string, error: unknown, consumed: number, inflated: num
         `complete (truncated; ${inflated} bytes inflated). ${REGET}`,
     );
   }
+  // zlib finds damage where the data stops decoding or, at the latest, at the checksum.
   return new DataError(
-    `${path}: corrupt gzip data at or after compressed byte offset ${consumed} (${message}; ` +
-      `${inflated} bytes inflated before it). ${REGET}`,
+    `${path}: corrupt gzip data (${message}), detected past compressed byte offset ` +
+      `${consumed} of ${Deno.statSync(path).size} (${inflated} bytes inflated). ${REGET}`,
   );
 }
 
@@ -61,6 +62,8 @@ async function* gunzipChunks(path: string): AsyncGenerator<Uint8Array> {
       yield chunk;
     }
   } catch (error) {
+    // zlib's codes start with Z_; anything else (a read error) is not about the data.
+    if (!String((error as { code?: unknown }).code).startsWith("Z_")) throw error;
     throw gzipError(path, error, gunzip.bytesWritten, inflated);
   } finally {
     input.destroy();
