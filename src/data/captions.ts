@@ -79,7 +79,7 @@ const files = (count: number) => `${count} file${count === 1 ? "" : "s"}`;
  * A file's name as its data: `.gz` dropped and `.tgz` read as `.tar`. Ids start with it, so a
  * compressed copy of a data set keeps its ids (and a cache made from either serves both).
  */
-export function uncompressedName(rel: string): string {
+function uncompressedName(rel: string): string {
   return rel.replace(/\.tgz$/i, ".tar").replace(/\.gz$/i, "");
 }
 
