@@ -36,7 +36,9 @@ Usage: deno task cache --data <path> --sdxl <folder> --out <folder> [options]
        deno task cache --merge --out <folder>
 
 Options:
-  --data <path>            caption file or folder (formats: datasets.md)
+  --data <path>            caption file or folder (formats: datasets.md); gzip files are
+                           read as they are: .jsonl.gz, .csv.gz, .tsv.gz, .txt.gz,
+                           metadata.jsonl.gz, .tar.gz/.tgz shards (not parquet, not kohya)
   --format <name>          ${CAPTION_FORMATS.join(", ")}
                            (default: detected from the files)
   --caption-field <name>   record field/column holding the caption

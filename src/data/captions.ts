@@ -70,13 +70,23 @@ export interface CaptionSet {
 
 const FORMATS_LOOKED_FOR = "kohya (images with same-name .txt captions), lines (.txt, one " +
   "caption per line), jsonl/csv/tsv (a caption field), imagefolder (metadata.jsonl or " +
-  "metadata.csv with file_name), webdataset (.tar shards of {key}.json), parquet (a text column)";
+  "metadata.csv with file_name), webdataset (.tar shards of {key}.json or {key}.txt), parquet " +
+  "(a text column); all but kohya and parquet also gzip-compressed (.gz, .tgz)";
 
 const files = (count: number) => `${count} file${count === 1 ? "" : "s"}`;
 
-/** The format a single file's name implies, if any. */
+/**
+ * A file's name as its data: `.gz` dropped and `.tgz` read as `.tar`. Ids start with it, so a
+ * compressed copy of a data set keeps its ids (and a cache made from either serves both).
+ */
+function uncompressedName(rel: string): string {
+  return rel.replace(/\.tgz$/i, ".tar").replace(/\.gz$/i, "");
+}
+
+/** The format a single file's name implies, if any; parquet has its own codecs, never gzip. */
 function formatOfFile(rel: string): CaptionFormat | undefined {
-  const name = basename(rel).toLowerCase();
+  const plain = uncompressedName(rel);
+  const name = basename(plain).toLowerCase();
   if (name === "metadata.jsonl" || name === "metadata.csv") return "imagefolder";
   const byExtension: Record<string, CaptionFormat> = {
     ".txt": "lines",
@@ -85,8 +95,8 @@ function formatOfFile(rel: string): CaptionFormat | undefined {
     ".csv": "csv",
     ".tsv": "tsv",
     ".tar": "webdataset",
-    ".parquet": "parquet",
   };
+  if (plain === rel && extname(name) === ".parquet") return "parquet";
   return byExtension[extname(name)];
 }
 
@@ -97,9 +107,9 @@ function readsFile(format: CaptionFormat, rel: string): boolean {
     case "kohya":
       return isKohyaCaptionPath(rel);
     case "jsonl":
-      return implied === "jsonl" || basename(rel).toLowerCase() === "metadata.jsonl";
     case "csv":
-      return implied === "csv" || basename(rel).toLowerCase() === "metadata.csv";
+      return implied === format ||
+        basename(uncompressedName(rel)).toLowerCase() === `metadata.${format}`;
     default:
       return implied === format;
   }
@@ -141,7 +151,7 @@ function detectFolderFormat(path: string, all: string[]): CaptionFormat {
   const byFormat = new Map<CaptionFormat, string[]>();
   for (const rel of all) {
     let format = formatOfFile(rel);
-    if (format === "lines" && hasImages) format = "kohya";
+    if (format === "lines" && hasImages && isKohyaCaptionPath(rel)) format = "kohya";
     if (!format) continue;
     const rels = byFormat.get(format);
     if (rels) rels.push(rel);
@@ -190,15 +200,31 @@ async function planSources(path: string, format: CaptionFormat | undefined): Pro
     return {
       format: chosen,
       root: dirname(path),
-      sources: [{ path, rel: basename(path) }],
+      sources: [{ path, rel: uncompressedName(basename(path)) }],
       all: [],
     };
   }
   const all = await listFiles(path);
   const chosen = format ?? detectFolderFormat(path, all);
   const sources = all.filter((rel) => readsFile(chosen, rel))
-    .map((rel) => ({ path: join(path, rel), rel }));
+    .map((rel) => ({ path: join(path, rel), rel: uncompressedName(rel) }));
+  checkNoTwins(sources);
   return { format: chosen, root: path, sources, all };
+}
+
+/** A file and its compressed copy would give every caption twice, under the same ids. */
+function checkNoTwins(sources: readonly SourceFile[]): void {
+  const byRel = new Map<string, string>();
+  for (const { path, rel } of sources) {
+    const twin = byRel.get(rel);
+    if (twin !== undefined) {
+      throw new DataError(
+        `${twin} and ${path} hold the same data set file (one compressed), so every caption ` +
+          `would be read twice. Fix: keep one of them in --data.`,
+      );
+    }
+    byRel.set(rel, path);
+  }
 }
 
 function checkOptions(options: ReadCaptionsOptions): void {

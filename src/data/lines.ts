@@ -4,6 +4,7 @@
  */
 
 import { decodeUtf8 } from "./collect.ts";
+import { fileChunks } from "./input.ts";
 
 export interface TextLine {
   /** 1-based line number. */
@@ -11,8 +12,6 @@ export interface TextLine {
   /** The line without its "\n"; a "\r" before it is kept (CSV keeps it inside quoted fields). */
   text: string;
 }
-
-const CHUNK = 1 << 20;
 
 function concat(parts: Uint8Array[]): Uint8Array {
   if (parts.length === 1) return parts[0];
@@ -26,11 +25,10 @@ function concat(parts: Uint8Array[]): Uint8Array {
 }
 
 /**
- * The lines of `path` in batches (about one per MiB read). A final "\n" ends the last line
- * rather than starting an empty one.
+ * The lines of `path` (plain or gzip, by its magic bytes) in batches, about one per chunk read.
+ * A final "\n" ends the last line rather than starting an empty one.
  */
 export async function* readTextLines(path: string): AsyncGenerator<TextLine[]> {
-  using file = await Deno.open(path, { read: true });
   let line = 1;
   const decode = (bytes: Uint8Array): TextLine[] => {
     let text = decodeUtf8(bytes, (k) => `${path}:${line + k - 1}`);
@@ -41,16 +39,14 @@ export async function* readTextLines(path: string): AsyncGenerator<TextLine[]> {
   };
   // Bytes after the last line break read so far: the start of an unfinished line.
   const pending: Uint8Array[] = [];
-  const buffer = new Uint8Array(CHUNK);
-  for (let n = await file.read(buffer); n !== null; n = await file.read(buffer)) {
-    const chunk = buffer.subarray(0, n);
+  for await (const chunk of fileChunks(path)) {
     const end = chunk.lastIndexOf(0x0a);
     if (end < 0) {
-      pending.push(chunk.slice());
+      pending.push(chunk);
       continue;
     }
     yield decode(concat([...pending.splice(0), chunk.subarray(0, end)]));
-    if (end + 1 < n) pending.push(chunk.slice(end + 1));
+    if (end + 1 < chunk.length) pending.push(chunk.subarray(end + 1));
   }
   if (pending.length) yield decode(concat(pending));
 }

@@ -1,7 +1,7 @@
 /**
  * Readers for the text formats: one caption per line (`lines`), JSON Lines, CSV, TSV, and
  * Hugging Face ImageFolder metadata (`metadata.jsonl` / `metadata.csv` beside the images).
- * Files are streamed in batches of lines, never read whole.
+ * Files are streamed in batches of lines, never read whole, and inflated on the fly when gzip.
  */
 
 import { posix } from "node:path";
@@ -17,7 +17,10 @@ import {
 import { CsvParser, HeaderKeyed, tsvRecord } from "./delimited.ts";
 import { readTextLines, type TextLine } from "./lines.ts";
 
-/** A file to read: `path` to open, `rel` its path relative to the data root (the id prefix). */
+/**
+ * A file to read: `path` to open; `rel`, the id prefix, its path relative to the data root as
+ * uncompressed (`a.jsonl` for `a.jsonl.gz`).
+ */
 export interface SourceFile {
   path: string;
   rel: string;

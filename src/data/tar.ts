@@ -1,10 +1,12 @@
 /**
- * Streaming tar reader (POSIX ustar, pax extended headers, GNU long names and base-256 sizes).
- * Headers are read one 512-byte block at a time and member data only on request, so a shard
- * of images is walked by seeking past them: memory stays at one member, whatever the tar size.
+ * Streaming tar reader (POSIX ustar, pax extended headers, GNU long names and base-256 sizes),
+ * plain or gzip. Headers are read one 512-byte block at a time and member data only on request,
+ * so a shard of images is walked by seeking past them (or inflating and dropping them): memory
+ * stays at one member, whatever the tar size.
  */
 
 import { DataError } from "./collect.ts";
+import { type ByteReader, openByteReader } from "./input.ts";
 
 const BLOCK = 512;
 /** Pax and GNU long-name bodies are metadata; anything bigger is a corrupt size field. */
@@ -22,17 +24,6 @@ export interface TarMember {
 
 const latin1 = new TextDecoder("latin1");
 const utf8 = new TextDecoder("utf-8");
-
-/** Fills `buf` from the current position; returns how many bytes the file still had. */
-async function readFull(file: Deno.FsFile, buf: Uint8Array): Promise<number> {
-  let done = 0;
-  while (done < buf.length) {
-    const n = await file.read(buf.subarray(done));
-    if (n === null) break;
-    done += n;
-  }
-  return done;
-}
 
 function cString(block: Uint8Array, start: number, length: number): string {
   const field = block.subarray(start, start + length);
@@ -87,45 +78,51 @@ function parsePax(body: Uint8Array, where: () => string): Map<string, string> {
 const REFETCH = "Fix: download or write the shard again; `tar -tvf FILE` shows where it breaks.";
 
 /**
- * Yields the regular-file members of the tar at `path`, in archive order. A corrupt header
- * (bad checksum or size) or a member that runs past the end of the file is an error naming the
- * file and the byte offset. A tar that just ends without the two zero blocks is accepted.
+ * Yields the regular-file members of the tar at `path` (plain or gzip, by its magic bytes), in
+ * archive order. A member's `read` works until the next member is asked for; members not read
+ * are skipped (a seek in a plain tar). A corrupt header (bad checksum or size) or a member that
+ * runs past the end of the data is an error naming the file and the byte offset (in the
+ * inflated tar for gzip). A tar that just ends without the two zero blocks is accepted.
  */
 export async function* tarMembers(path: string): AsyncGenerator<TarMember> {
-  using file = await Deno.open(path, { read: true });
-  const fileSize = (await file.stat()).size;
+  const input = await openByteReader(path);
+  try {
+    yield* members(path, input);
+    // Inflating what follows the end blocks checks the gzip's length and checksum, so a
+    // truncated or corrupt file is an error even when every member came through.
+    while (await input.skip(1 << 20) > 0);
+  } finally {
+    await input.close();
+  }
+}
+
+async function* members(path: string, input: ByteReader): AsyncGenerator<TarMember> {
   const header = new Uint8Array(BLOCK);
   let offset = 0;
   let longName: string | undefined;
   let pax = new Map<string, string>();
 
-  const at = (where: number) => `${path}: byte offset ${where}`;
-  const readBody = async (dataOffset: number, size: number, name: string, headerAt: number) => {
-    const body = new Uint8Array(size);
-    await file.seek(dataOffset, Deno.SeekMode.Start);
-    if (await readFull(file, body) < size) {
-      throw new DataError(`${at(headerAt)}: member "${name}" is cut short. ${REFETCH}`);
-    }
-    return body;
-  };
+  const at = (where: number) => `${path}: ${input.gzip ? "inflated tar " : ""}byte offset ${where}`;
+  const cutShort = (name: string, size: number, headerAt: number, end: number) =>
+    new DataError(
+      `${at(headerAt)}: member "${name}" needs ${size} bytes but the ` +
+        `${input.gzip ? "inflated tar" : "file"} ends at byte ${end} (truncated). ${REFETCH}`,
+    );
 
   while (true) {
-    await file.seek(offset, Deno.SeekMode.Start);
-    const got = await readFull(file, header);
+    const got = await input.read(header);
     if (got === 0) return;
     if (got < BLOCK) {
       throw new DataError(
-        `${at(offset)}: the file ends inside a tar header (truncated). ${REFETCH}`,
+        `${at(offset)}: the ${input.gzip ? "data ends" : "file ends"} inside a tar header ` +
+          `(truncated). ${REFETCH}`,
       );
     }
     if (header.every((byte) => byte === 0)) return;
     if (!checksumMatches(header)) {
-      const gzip = offset === 0 && header[0] === 0x1f && header[1] === 0x8b;
       throw new DataError(
-        gzip
-          ? `${path}: is gzip-compressed, not a plain tar. Fix: gunzip it to a .tar first.`
-          : `${at(offset)}: not a tar header (checksum mismatch): the file is not a tar ` +
-            `archive or is corrupt here. ${REFETCH}`,
+        `${at(offset)}: not a tar header (checksum mismatch): the file is not a tar archive ` +
+          `or is corrupt here. ${REFETCH}`,
       );
     }
     const type = String.fromCharCode(header[156]);
@@ -135,8 +132,10 @@ export async function* tarMembers(path: string): AsyncGenerator<TarMember> {
     if (!Number.isSafeInteger(size) || size < 0) {
       throw new DataError(`${at(offset)}: tar header has an unreadable size field. ${REFETCH}`);
     }
+    const headerAt = offset;
     const dataOffset = offset + BLOCK;
-    const next = dataOffset + Math.ceil(size / BLOCK) * BLOCK;
+    const padded = Math.ceil(size / BLOCK) * BLOCK;
+    offset = dataOffset + padded;
     const ustarName = () => {
       const magic = latin1.decode(header.subarray(257, 263));
       const prefix = magic === "ustar\0" ? cString(header, 345, 155) : "";
@@ -144,34 +143,40 @@ export async function* tarMembers(path: string): AsyncGenerator<TarMember> {
       return prefix ? `${prefix}/${name}` : name;
     };
     const name = pax.get("path") ?? longName ?? ustarName();
-    if (dataOffset + size > fileSize) {
-      throw new DataError(
-        `${at(offset)}: member "${name}" needs ${size} bytes but the file ends at byte ` +
-          `${fileSize} (truncated). ${REFETCH}`,
-      );
+    if (input.size !== undefined && dataOffset + size > input.size) {
+      throw cutShort(name, size, headerAt, input.size);
     }
-    const headerAt = offset;
-    offset = next;
+    // Bytes of this member's data and padding taken so far.
+    let taken = 0;
+    const readBody = async () => {
+      if (taken > 0) throw new Error(`tar member "${name}" read twice or after the next one`);
+      const body = new Uint8Array(size);
+      taken = await input.read(body);
+      if (taken < size) throw cutShort(name, size, headerAt, dataOffset + taken);
+      return body;
+    };
 
     if (type === "x" || type === "L") {
       if (size > MAX_META_BYTES) {
         throw new DataError(`${at(headerAt)}: oversized tar extended header. ${REFETCH}`);
       }
-      const body = await readBody(dataOffset, size, name, headerAt);
+      const body = await readBody();
       if (type === "x") pax = parsePax(body, () => at(headerAt));
       else longName = cString(body, 0, body.length);
-      continue;
+    } else {
+      // Global pax headers ('g'), links, folders and devices carry no file data to caption.
+      if (type === "0" || type === "\0" || type === "7") {
+        yield { name, size, offset: headerAt, read: readBody };
+      }
+      longName = undefined;
+      pax = new Map();
     }
-    // Global pax headers ('g'), links, folders and devices carry no file data to caption.
-    if (type === "0" || type === "\0" || type === "7") {
-      yield {
-        name,
-        size,
-        offset: headerAt,
-        read: () => readBody(dataOffset, size, name, headerAt),
-      };
+    const rest = padded - taken;
+    taken = padded; // a later read() of this member is a caller bug, not a re-read
+    const skipped = await input.skip(rest);
+    // Only the data itself must be there; a tar cut inside the last padding still reads.
+    if (skipped < rest && padded - rest + skipped < size) {
+      throw cutShort(name, size, headerAt, dataOffset + padded - rest + skipped);
     }
-    longName = undefined;
-    pax = new Map();
   }
 }

@@ -296,18 +296,18 @@ Deno.test("webdataset: bad JSON member, non-UTF-8 member and corrupt shard name 
   });
 });
 
-Deno.test("webdataset: shards with no {key}.json say what they hold", async () => {
+Deno.test("webdataset: shards with no {key}.json or {key}.txt say what they hold", async () => {
   await withTempDir(async (dir) => {
     const shard = join(dir, "only-images.tar");
     await Deno.writeFile(
       shard,
-      tarBytes([{ name: "0.jpg", data: "x" }, { name: "0.txt", data: "y" }]),
+      tarBytes([{ name: "0.jpg", data: "x" }, { name: "0.cls", data: "7" }]),
     );
     await rejectsWith(
       shard,
       {},
       `${shard}: no captions found (read as webdataset, 1 file)`,
-      "no {key}.json caption members (member extensions: .jpg, .txt)",
+      "no {key}.json or {key}.txt caption members (member extensions: .cls, .jpg)",
     );
   });
 });
@@ -366,7 +366,8 @@ Deno.test("empty data set: names the path and the formats looked for", async () 
       dir,
       {},
       `${dir}: no caption files found. Formats looked for: kohya (images with same-name .txt`,
-      "webdataset (.tar shards of {key}.json), parquet (a text column)",
+      "webdataset (.tar shards of {key}.json or {key}.txt), parquet (a text column); all but " +
+        "kohya and parquet also gzip-compressed (.gz, .tgz)",
     );
     const path = join(dir, "blank.jsonl");
     await Deno.writeTextFile(path, '{"caption": ""}\n\n{"caption": null}\n');

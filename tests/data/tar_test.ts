@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
+import { gzipSync } from "node:zlib";
 import { DataError } from "../../src/data/collect.ts";
 import { type TarMember, tarMembers } from "../../src/data/tar.ts";
 import { splitSampleName } from "../../src/data/webdataset.ts";
@@ -124,12 +125,36 @@ Deno.test("tar: a file ending inside a header is truncated", async () => {
   assert.match(message, /byte offset 1024: the file ends inside a tar header \(truncated\)/);
 });
 
-Deno.test("tar: gzip and non-tar files are rejected at offset 0", async () => {
-  const gzip = new Uint8Array(600);
-  gzip.set([0x1f, 0x8b, 0x08]);
-  assert.match(await tarError(gzip), /gzip-compressed, not a plain tar\. Fix: gunzip/);
+Deno.test("tar: a non-tar file is rejected at offset 0, plain or gzip", async () => {
   const text = new TextEncoder().encode("caption\n".repeat(100));
-  assert.match(await tarError(text), /byte offset 0: not a tar header/);
+  assert.match(await tarError(text), /: byte offset 0: not a tar header/);
+  assert.match(await tarError(gzipSync(text)), /: inflated tar byte offset 0: not a tar header/);
+});
+
+Deno.test("tar: gzip members stream through; the inflated data cut short names the member", async () => {
+  const bytes = tarBytes([
+    { name: "0.jpg", data: new Uint8Array(5000).fill(7) },
+    { name: "0.json", data: '{"a":1}' },
+    { name: "1.jpg", data: new Uint8Array(2000) },
+  ]);
+  await withTempDir(async (dir) => {
+    const path = join(dir, "a.tar.gz");
+    await Deno.writeFile(path, gzipSync(bytes));
+    const seen: { name: string; offset: number; text?: string }[] = [];
+    for await (const member of tarMembers(path)) {
+      const text = member.name.endsWith(".json") ? decoder.decode(await member.read()) : undefined;
+      seen.push({ name: member.name, offset: member.offset, text });
+    }
+    assert.deepEqual(seen, [
+      { name: "0.jpg", offset: 0, text: undefined },
+      { name: "0.json", offset: 5632, text: '{"a":1}' },
+      { name: "1.jpg", offset: 6656, text: undefined },
+    ]);
+  });
+  assert.match(
+    await tarError(gzipSync(bytes.subarray(0, 6656 + 512 + 1000))),
+    /: inflated tar byte offset 6656: member "1\.jpg" needs 2000 bytes but the inflated tar ends at byte 8168 \(truncated\)/,
+  );
 });
 
 Deno.test("tar: an archive without end blocks and an empty file read as complete", async () => {
