@@ -125,6 +125,7 @@ export async function runBenchLearn(
     );
     const cacheSeconds = (performance.now() - started) / 1000;
     const results: VariantResult[] = [];
+    const path = join(out, "learn.json");
     let references: Record<string, unknown> = {};
     for (const name of variants) {
       log(`variant ${name}: ${steps} steps of 32`);
@@ -189,26 +190,26 @@ export async function runBenchLearn(
         final: h.student,
         slices: h.slices,
       });
+      // Written after every variant, so a run cut short keeps what it finished.
+      await writeFileAtomic(
+        path,
+        JSON.stringify(
+          {
+            steps,
+            batch: 32,
+            teacher: TEACHER,
+            student: STUDENT,
+            held_out_files: HELD_OUT_FILES,
+            eval_rows: 100,
+            cache_seconds: cacheSeconds,
+            references,
+            variants: results,
+          },
+          null,
+          2,
+        ) + "\n",
+      );
     }
-    const path = join(out, "learn.json");
-    await writeFileAtomic(
-      path,
-      JSON.stringify(
-        {
-          steps,
-          batch: 32,
-          teacher: TEACHER,
-          student: STUDENT,
-          held_out_files: HELD_OUT_FILES,
-          eval_rows: 100,
-          cache_seconds: cacheSeconds,
-          references,
-          variants: results,
-        },
-        null,
-        2,
-      ) + "\n",
-    );
     log(`\nheld-out after ${steps} steps (100 prompts never trained on):`);
     const nn = references.word_neighbours as HeldOutFigures;
     const row = (name: string, f: HeldOutFigures) =>
