@@ -17,6 +17,9 @@ import { writeFileAtomic } from "../io/atomic.ts";
 import { decodeF32, f32ArrayToF16 } from "../io/dtype.ts";
 import { SafetensorsFile, type TensorInfo, writeSafetensors } from "../io/safetensors.ts";
 import { captionHash, type CaptionRow } from "./captions.ts";
+import { sha256File, ShardHashCheck } from "./cache_verify.ts";
+
+export { sha256File };
 
 /** The `format` of a cache manifest; other values are refused. */
 export const CACHE_FORMAT = "distill-target-cache";
@@ -170,21 +173,6 @@ export function manifestFileName(worker?: CacheWorker): string {
 
 function sha256Hex(text: string): string {
   return createHash("sha256").update(text, "utf8").digest("hex");
-}
-
-/** SHA-256 of a file's bytes, read in 1 MiB pieces. */
-export async function sha256File(path: string): Promise<string> {
-  const hash = createHash("sha256");
-  const file = await Deno.open(path, { read: true });
-  try {
-    const buffer = new Uint8Array(1 << 20);
-    for (let n = await file.read(buffer); n !== null; n = await file.read(buffer)) {
-      hash.update(buffer.subarray(0, n));
-    }
-  } finally {
-    file.close();
-  }
-  return hash.digest("hex");
 }
 
 /** JSON with object keys sorted at every level, so equal values give equal text. */
@@ -1086,8 +1074,11 @@ export class TargetCache {
     return this.manifest.teacher;
   }
 
-  /** Opens `dir/manifest.json` and every shard's header; refuses an incomplete cache. */
-  static async open(dir: string): Promise<TargetCache> {
+  /**
+   * Opens `dir/manifest.json` and every shard's header after checking each shard's SHA-256
+   * against the manifest; refuses an incomplete or damaged cache.
+   */
+  static async open(dir: string, options: OpenTargetCacheOptions = {}): Promise<TargetCache> {
     const path = join(dir, MANIFEST_FILE);
     let text: string;
     try {
@@ -1111,6 +1102,7 @@ export class TargetCache {
       );
     }
     const layout = layoutOf(manifest.teacher);
+    const hashes = await ShardHashCheck.load(dir, options.verifiedShardsFile);
     const shards: OpenShard[] = [];
     const ids: string[] = [];
     const captions: string[] = [];
@@ -1118,13 +1110,15 @@ export class TargetCache {
       const shardPath = join(dir, entry.file);
       const expected = { start: entry.rows[0], end: entry.rows[1], rowsSha256: entry.rowsSha256 };
       const stat = await Deno.stat(shardPath).catch(() => undefined);
-      const inspected = stat?.size === entry.bytes
-        ? await inspectShardFile(shardPath, expected, layout)
-        : `${stat ? `${stat.size} bytes, the manifest says ${entry.bytes}` : "missing"}`;
+      const inspected = stat?.size !== entry.bytes
+        ? `${stat ? `${stat.size} bytes, the manifest says ${entry.bytes}` : "missing"}`
+        : await hashes.problem(shardPath, entry.file, entry.sha256, stat) ??
+          await inspectShardFile(shardPath, expected, layout);
       if (typeof inspected === "string") {
         throw new CacheError(
-          `${shardPath}: ${inspected}. Fix: run deno task cache --verify --out ${dir}, delete ` +
-            `the damaged shards and rerun the cache to compute them again.`,
+          `${shardPath}: ${inspected}. Fix: run deno task cache --verify --out ${dir} to list ` +
+            `the damaged shards, delete them and rerun deno task cache --out ${dir} with the ` +
+            `same options to compute them again.`,
         );
       }
       const { contents } = inspected;
@@ -1138,6 +1132,7 @@ export class TargetCache {
       ids.push(...contents.ids);
       captions.push(...contents.captions);
     }
+    await hashes.save();
     return new TargetCache(dir, manifest, shards, ids, captions);
   }
 
@@ -1200,7 +1195,19 @@ export class TargetCache {
   }
 }
 
-/** Opens a complete target cache for reading (see `TargetCache`). */
-export function openTargetCache(dir: string): Promise<TargetCache> {
-  return TargetCache.open(dir);
+/** How `openTargetCache` opens a cache. */
+export interface OpenTargetCacheOptions {
+  /**
+   * A file (in a folder the caller writes) remembering the shards already verified, so the
+   * next open of an unchanged cache hashes nothing; without it every shard is hashed.
+   */
+  verifiedShardsFile?: string;
+}
+
+/** Opens a complete, verified target cache for reading (see `TargetCache.open`). */
+export function openTargetCache(
+  dir: string,
+  options: OpenTargetCacheOptions = {},
+): Promise<TargetCache> {
+  return TargetCache.open(dir, options);
 }

@@ -11,6 +11,7 @@
  *   adapter/                         the trained adapter (src/train/adapter.ts)
  *   checkpoints/latest.json          {"step": N, "dir": "step-000000N"}: the newest checkpoint
  *   checkpoints/step-000000N/        adapter files + optimizer.safetensors + trainer_state.json
+ *   verified-shards.json             cache shards whose SHA-256 was checked (src/data/cache_verify.ts)
  *
  * Determinism: nothing random is carried from step to step. The order of epoch `e` is a
  * permutation drawn from `mixSeed(seed, e)`, the LoRA dropout of micro-batch `i` of step `s`
@@ -29,6 +30,7 @@ import { ModelFolder } from "../io/hf.ts";
 import { SafetensorsFile, writeSafetensors } from "../io/safetensors.ts";
 import { type CaptionRow, heldOutScore, splitHeldOut } from "../data/captions.ts";
 import { openTargetCache, type TargetCache, type TeacherRecord } from "../data/target_cache.ts";
+import { VERIFIED_SHARDS_FILE } from "../data/cache_verify.ts";
 import {
   DEFAULT_LORA_CONFIG,
   destroyLora,
@@ -975,7 +977,9 @@ export async function train(options: TrainOptions, hooks: TrainHooks = {}): Prom
   await Deno.mkdir(config.out, { recursive: true });
 
   // Everything cheap is checked before the weights are read.
-  const cache = await openTargetCache(config.cache);
+  const cache = await openTargetCache(config.cache, {
+    verifiedShardsFile: join(config.out, VERIFIED_SHARDS_FILE),
+  });
   const split = splitCacheRows(cache.captions, config.heldOutFraction);
   for (const warning of split.warnings) log(`train: warning: ${warning}`);
   if (split.train.length < config.stepBatch) {
