@@ -4,9 +4,12 @@ import {
   parseTrainArgs,
   TRAIN_HELP,
   TRAIN_OPTIONS,
+  trainCommand,
   trainProgressLine,
+  withFlagNames,
 } from "../../src/cli/train.ts";
 import { resolveTrainConfig } from "../../src/train/trainer.ts";
+import { rejectsWith } from "../helpers.ts";
 
 const REQUIRED = ["--cache", "cache/c", "--qwen", "models/q", "--out", "runs/r"];
 
@@ -69,6 +72,31 @@ Deno.test("train CLI: bad command lines are usage errors naming the flag", () =>
       (e: Error) => e instanceof UsageError && message.test(e.message),
     );
   }
+});
+
+Deno.test("train CLI: option errors name the flag; the library keeps the option field", async () => {
+  const bad: Array<[string[], string]> = [
+    [["--held-out", "1.5"], "train: --held-out must be in [0, 1) (got 1.5)"],
+    [["--batch-size", "4", "--micro-batch", "9"], "--micro-batch 9 is larger than --batch-size 4"],
+    [["--lr-lora=-1"], "--lr-lora must be a number >= 0 (got -1)"],
+    [["--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1] (got 2)"],
+  ];
+  for (const [args, message] of bad) {
+    await rejectsWith(() => trainCommand.run([...REQUIRED, ...args]), message);
+  }
+  // A resumed run's mismatch lines too; flags already in a message stay as they are.
+  assert.equal(
+    withFlagNames(
+      "lr.resampler: 0.003 (checkpoint) vs 0.001 (now)\nseed: 1 (checkpoint) vs 2 " +
+        "(now)\nprompt.maxTokens: 256 (checkpoint) vs 77 (now); use --epochs",
+    ),
+    "--lr-resampler: 0.003 (checkpoint) vs 0.001 (now)\n--seed: 1 (checkpoint) vs 2 (now)\n" +
+      "--max-tokens: 256 (checkpoint) vs 77 (now); use --epochs",
+  );
+  assert.throws(
+    () => resolveTrainConfig({ ...parseTrainArgs(REQUIRED)!, heldOutFraction: 1.5 }),
+    /^Error: heldOutFraction must be in \[0, 1\) \(got 1\.5\)$/,
+  );
 });
 
 Deno.test("train CLI: a progress line has step, loss, rate and ETA", () => {
