@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
+import { explainPermission } from "../../src/cli/progress.ts";
 
 const ROOT = fileURLToPath(new URL("../../", import.meta.url));
 const TASKS: Record<string, string> = JSON.parse(
@@ -62,4 +63,18 @@ Deno.test({
       }
     }
   },
+});
+
+Deno.test("tasks: a sandbox denial names the task's folder; an OS permission refusal does not", () => {
+  const task = { name: "train", writeFolder: "runs", allowEnv: "--allow-env" };
+  const sandbox = explainPermission(
+    new Deno.errors.NotCapable('Requires write access to "elsewhere/run"'),
+    task,
+  ) as Error;
+  assert.match(sandbox.message, /may write only under \.\/runs\. Fix: use --out runs\/<name>/);
+  const os = new Deno.errors.PermissionDenied("Permission denied (os error 13): mkdir 'runs/r'");
+  const explained = explainPermission(os, task) as Error;
+  assert.ok(explained instanceof Deno.errors.PermissionDenied);
+  assert.doesNotMatch(explained.message, /may write only under/);
+  assert.match(explained.message, /mkdir 'runs\/r'.*the operating system refused it/);
 });
