@@ -94,3 +94,26 @@ export async function rejectsAs(
 export function rejectsWith(run: () => Promise<unknown>, ...parts: string[]): Promise<void> {
   return rejectsAs(run, Error, ...parts);
 }
+
+/** Whether the tests run as root (`id -u`; Deno.uid needs --allow-sys). */
+export const IS_ROOT = new TextDecoder().decode(
+  new Deno.Command("id", { args: ["-u"] }).outputSync().stdout,
+).trim() === "0";
+
+/** Why a test that mounts a tiny disk is ignored here, or "" when it can run. */
+export const TINY_DISK_IGNORED = IS_ROOT ? "" : " (ignored: mounting a tmpfs needs root)";
+
+/** Runs `run` on a fresh tmpfs of `bytes` (a full disk to write into), unmounted afterwards. */
+export async function withTinyDisk(bytes: number, run: (dir: string) => Promise<void>) {
+  await withTempDir(async (dir) => {
+    const mounted = new Deno.Command("mount", {
+      args: ["-t", "tmpfs", "-o", `size=${bytes}`, "tmpfs", dir],
+    }).outputSync();
+    assert.ok(mounted.success, new TextDecoder().decode(mounted.stderr));
+    try {
+      await run(dir);
+    } finally {
+      new Deno.Command("umount", { args: [dir] }).outputSync();
+    }
+  });
+}

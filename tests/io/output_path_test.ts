@@ -8,7 +8,15 @@ import {
   prepareOutputFile,
   prepareOutputFolder,
 } from "../../src/io/output_path.ts";
-import { rejectsAs, rejectsWith, withTempDir } from "../helpers.ts";
+import { METRICS_FILE, MetricsLog } from "../../src/train/metrics.ts";
+import {
+  IS_ROOT,
+  rejectsAs,
+  rejectsWith,
+  TINY_DISK_IGNORED,
+  withTempDir,
+  withTinyDisk,
+} from "../helpers.ts";
 
 const FIXTURE = fileURLToPath(new URL("./write_into.ts", import.meta.url));
 
@@ -19,11 +27,6 @@ function works(command: string, args: string[]): boolean {
     return false;
   }
 }
-
-/** Whether the tests run as root (`id -u`; Deno.uid needs --allow-sys). */
-const IS_ROOT =
-  new TextDecoder().decode(new Deno.Command("id", { args: ["-u"] }).outputSync().stdout)
-    .trim() === "0";
 
 /** Runs the fixture on `out` with `--allow-write` scoped to `allowed`; returns its stderr. */
 async function writeInto(out: string, allowed: string, prefix: string[] = [], env = {}) {
@@ -119,30 +122,27 @@ Deno.test("I/O errors: disk full names the file being written; a sandbox denial 
   assert.equal(ioErrorAt(denied, "x"), denied);
 });
 
-const canMount = IS_ROOT && works("mount", ["--version"]);
 Deno.test({
-  name: "I/O errors: a full disk (64 KiB tmpfs) during an atomic write names the file; no temp " +
-    "file stays" + (canMount ? "" : " (ignored: mounting a tmpfs needs root)"),
-  ignore: !canMount,
+  name: "I/O errors: a full disk (64 KiB tmpfs) during an atomic write or a metrics append names " +
+    "the file; no temp file stays" + TINY_DISK_IGNORED,
+  ignore: !IS_ROOT,
   async fn() {
-    await withTempDir(async (dir) => {
-      const mnt = join(dir, "small");
-      await Deno.mkdir(mnt);
-      const mounted = new Deno.Command("mount", {
-        args: ["-t", "tmpfs", "-o", "size=64k", "tmpfs", mnt],
-      })
-        .outputSync();
-      assert.ok(mounted.success, new TextDecoder().decode(mounted.stderr));
+    await withTinyDisk(64 << 10, async (dir) => {
+      const path = join(dir, "shard.safetensors");
+      await rejectsWith(
+        () => writeFileAtomic(path, new Uint8Array(1 << 20)),
+        `${path}: the disk is full`,
+        "free space",
+      );
+      assert.deepEqual([...Deno.readDirSync(dir)], []);
+      const log = await MetricsLog.open(dir);
       try {
-        const path = join(mnt, "shard.safetensors");
         await rejectsWith(
-          () => writeFileAtomic(path, new Uint8Array(1 << 20)),
-          `${path}: the disk is full`,
-          "free space",
+          () => log.logRun({ filler: "x".repeat(1 << 20) }),
+          `${join(dir, METRICS_FILE)}: the disk is full`,
         );
-        assert.deepEqual([...Deno.readDirSync(mnt)], []);
       } finally {
-        new Deno.Command("umount", { args: [mnt] }).outputSync();
+        log.close();
       }
     });
   },
