@@ -14,6 +14,7 @@
 import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { writeFileAtomic } from "../io/atomic.ts";
+import { prepareOutputFolder } from "../io/output_path.ts";
 import { decodeF32, f32ArrayToF16 } from "../io/dtype.ts";
 import { SafetensorsFile, type TensorInfo, writeSafetensors } from "../io/safetensors.ts";
 import { captionHash, type CaptionRow } from "./captions.ts";
@@ -711,7 +712,7 @@ export async function buildTargetCache(options: BuildTargetCacheOptions): Promis
   const hashes = rows.map((row) => captionHash(row.caption));
   const rowsSha256 = rowListSha256(rows.map((row) => row.id), hashes);
 
-  await Deno.mkdir(dir, { recursive: true });
+  await prepareOutputFolder(dir);
   const found = await readManifests(dir);
   for (const { path, manifest } of found) {
     checkSameTeacher(path, manifest.teacher, record);

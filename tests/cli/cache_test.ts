@@ -10,7 +10,7 @@ import {
   readTree,
   writeSampleJsonl,
 } from "../data/fake_teacher.ts";
-import { rejectsAs, withTempDir } from "../helpers.ts";
+import { IS_ROOT, rejectsAs, TINY_DISK_IGNORED, withTempDir, withTinyDisk } from "../helpers.ts";
 
 const FAKE_RUN = new URL("./cache_fake_run.ts", import.meta.url).pathname;
 
@@ -262,4 +262,52 @@ Deno.test("cache: a write outside the permitted folder names the fix", async () 
     assert.equal(result.code, 1, err);
     assert.match(err, /may write only under \.\/cache\. Fix: use --out cache\/<name>/);
   });
+});
+
+Deno.test("cache: a link in the permitted folder leading outside is refused before reading captions", async () => {
+  await withTempDir(async (dir) => {
+    const allowed = join(dir, "cache");
+    const outside = join(dir, "outside");
+    await Deno.mkdir(allowed);
+    await Deno.mkdir(outside);
+    await Deno.symlink(outside, join(allowed, "link"));
+    // No captions file: the output check must come first.
+    const result = await new Deno.Command(Deno.execPath(), {
+      args: fakeRunArgs(allowed, 0, [
+        "--data",
+        join(dir, "missing.jsonl"),
+        "--sdxl",
+        "m",
+        "--out",
+        join(allowed, "link", "c"),
+      ]),
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    const err = new TextDecoder().decode(result.stderr);
+    assert.equal(result.code, 1, err);
+    assert.ok(err.includes(`${join(allowed, "link")} is a symbolic link to ${outside}`), err);
+    assert.deepEqual([...Deno.readDirSync(outside)], []);
+  });
+});
+
+Deno.test({
+  name: "cache: a full disk names the file being written and the fix" + TINY_DISK_IGNORED,
+  ignore: !IS_ROOT,
+  async fn() {
+    await withTempDir(async (dir) => {
+      const data = await writeSampleJsonl(dir, 40);
+      await withTinyDisk(16 << 10, async (disk) => {
+        const { command } = commandWith();
+        const out = join(disk, "c");
+        const { error } = await captureConsole(() =>
+          command.run(["--data", data, "--sdxl", "m", "--out", out])
+        );
+        assert.match(
+          error?.message ?? "",
+          new RegExp(`^${out}/targets-00000\\.safetensors: the disk is full .*free space`),
+        );
+      });
+    });
+  },
 });
