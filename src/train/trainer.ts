@@ -26,6 +26,7 @@
 import { basename, join } from "node:path";
 import { Gpu } from "../gpu/device.ts";
 import { writeFileAtomic } from "../io/atomic.ts";
+import { prepareOutputFolder } from "../io/output_path.ts";
 import { ModelFolder } from "../io/hf.ts";
 import { SafetensorsFile, writeSafetensors } from "../io/safetensors.ts";
 import { type CaptionRow, heldOutScore, splitHeldOut } from "../data/captions.ts";
@@ -973,8 +974,9 @@ export async function train(options: TrainOptions, hooks: TrainHooks = {}): Prom
   const config = resolveTrainConfig(options);
   const log = hooks.log ?? ((line: string) => console.error(line));
   checkLoraTargets(config.lora.targetModules, config.qwen);
-  // Fails fast when the run folder cannot be written (e.g. outside the task's permissions).
-  await Deno.mkdir(config.out, { recursive: true });
+  // Fails fast when the run folder cannot be written (outside the task's permissions, or
+  // reached through a link that leads outside them).
+  await prepareOutputFolder(config.out);
 
   // Everything cheap is checked before the weights are read.
   const cache = await openTargetCache(config.cache, {

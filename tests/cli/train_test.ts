@@ -1,4 +1,6 @@
 import assert from "node:assert/strict";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { UsageError } from "../../src/cli/args.ts";
 import {
   parseTrainArgs,
@@ -9,7 +11,7 @@ import {
   withFlagNames,
 } from "../../src/cli/train.ts";
 import { resolveTrainConfig } from "../../src/train/trainer.ts";
-import { rejectsWith } from "../helpers.ts";
+import { rejectsWith, withTempDir } from "../helpers.ts";
 
 const REQUIRED = ["--cache", "cache/c", "--qwen", "models/q", "--out", "runs/r"];
 
@@ -118,4 +120,34 @@ Deno.test("train CLI: a progress line has step, loss, rate and ETA", () => {
     "train: step 120/5000 (2.4%), epoch 1/2, loss 0.4321 (seq 0.4100, pooled 0.02214), " +
       "lr 9.90e-5, 12.3 samples/s, ETA 1h02m",
   );
+});
+
+Deno.test("train CLI: a link in ./runs leading outside is refused before the cache is read", async () => {
+  await withTempDir(async (dir) => {
+    const [runs, outside] = [join(dir, "runs"), join(dir, "outside")];
+    await Deno.mkdir(runs);
+    await Deno.mkdir(outside);
+    await Deno.symlink(outside, join(runs, "link"));
+    const result = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--allow-read",
+        `--allow-write=${runs}`,
+        "--allow-env=DISTILL_DEBUG,DENO_WEBGPU_BACKEND",
+        fileURLToPath(new URL("../../scripts/train.ts", import.meta.url)),
+        "--cache",
+        join(dir, "no-cache"),
+        "--qwen",
+        join(dir, "no-qwen"),
+        "--out",
+        join(runs, "link", "run"),
+      ],
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    const err = new TextDecoder().decode(result.stderr);
+    assert.equal(result.code, 1, err);
+    assert.ok(err.includes(`${join(runs, "link")} is a symbolic link to ${outside}`), err);
+    assert.deepEqual([...Deno.readDirSync(outside)], []);
+  });
 });
