@@ -10,7 +10,14 @@ import {
   readTree,
   writeSampleJsonl,
 } from "../data/fake_teacher.ts";
-import { IS_ROOT, rejectsAs, TINY_DISK_IGNORED, withTempDir, withTinyDisk } from "../helpers.ts";
+import {
+  assertLinkRefused,
+  IS_ROOT,
+  rejectsAs,
+  TINY_DISK_IGNORED,
+  withTempDir,
+  withTinyDisk,
+} from "../helpers.ts";
 
 const FAKE_RUN = new URL("./cache_fake_run.ts", import.meta.url).pathname;
 
@@ -265,30 +272,12 @@ Deno.test("cache: a write outside the permitted folder names the fix", async () 
 });
 
 Deno.test("cache: a link in the permitted folder leading outside is refused before reading captions", async () => {
-  await withTempDir(async (dir) => {
-    const allowed = join(dir, "cache");
-    const outside = join(dir, "outside");
-    await Deno.mkdir(allowed);
-    await Deno.mkdir(outside);
-    await Deno.symlink(outside, join(allowed, "link"));
-    // No captions file: the output check must come first.
-    const result = await new Deno.Command(Deno.execPath(), {
-      args: fakeRunArgs(allowed, 0, [
-        "--data",
-        join(dir, "missing.jsonl"),
-        "--sdxl",
-        "m",
-        "--out",
-        join(allowed, "link", "c"),
-      ]),
-      stdout: "null",
-      stderr: "piped",
-    }).output();
-    const err = new TextDecoder().decode(result.stderr);
-    assert.equal(result.code, 1, err);
-    assert.ok(err.includes(`${join(allowed, "link")} is a symbolic link to ${outside}`), err);
-    assert.deepEqual([...Deno.readDirSync(outside)], []);
-  });
+  // No captions file: the output check must come first.
+  await assertLinkRefused("cache", ({ root, allowed, link }) =>
+    fakeRunArgs(allowed, 0, [
+      ...["--data", join(root, "missing.jsonl"), "--sdxl", "m"],
+      ...["--out", join(link, "c")],
+    ]));
 });
 
 Deno.test({

@@ -164,16 +164,11 @@ Deno.test("encode: missing adapter files are named", async () => {
 Deno.test("encode: missing output folders are made; a bad --out fails before any model is read", async () => {
   // The README's example: --out in a folder that does not exist yet.
   const nested = join(root, "made", "out", "cond.safetensors");
-  await encodeCommand.run([
-    "--qwen",
-    student.qwen,
-    "--adapter",
-    student.adapter,
-    "--out",
-    nested,
-    "a cat",
-  ]);
-  assert.equal((await SafetensorsFile.open(nested)).info("prompt_embeds").dtype, "F16");
+  const models = ["--qwen", student.qwen, "--adapter", student.adapter];
+  await encodeCommand.run([...models, "--out", nested, "a cat"]);
+  const written = await SafetensorsFile.open(nested);
+  assert.equal(written.info("prompt_embeds").dtype, "F16");
+  written.close();
   // Nonexistent model folders: an output error must come first, before anything is loaded.
   const missing = ["--qwen", join(root, "no-qwen"), "--adapter", join(root, "no-adapter")];
   await Deno.writeTextFile(join(root, "a-file"), "x");
@@ -185,16 +180,7 @@ Deno.test("encode: missing output folders are made; a bad --out fails before any
     () => encodeCommand.run([...missing, "--out", nested, "a cat"]),
     `--out ${nested}: the file exists. Fix: pass --force`,
   );
-  await encodeCommand.run([
-    "--qwen",
-    student.qwen,
-    "--adapter",
-    student.adapter,
-    "--out",
-    nested,
-    "--force",
-    "a dog",
-  ]);
+  await encodeCommand.run([...models, "--out", nested, "--force", "a dog"]);
   const replaced = await SafetensorsFile.open(nested);
   assert.equal(replaced.metadata.prompts, JSON.stringify(["a dog"]));
   replaced.close();

@@ -11,7 +11,7 @@ import {
   withFlagNames,
 } from "../../src/cli/train.ts";
 import { resolveTrainConfig } from "../../src/train/trainer.ts";
-import { rejectsWith, withTempDir } from "../helpers.ts";
+import { assertLinkRefused, rejectsWith } from "../helpers.ts";
 
 const REQUIRED = ["--cache", "cache/c", "--qwen", "models/q", "--out", "runs/r"];
 
@@ -123,31 +123,13 @@ Deno.test("train CLI: a progress line has step, loss, rate and ETA", () => {
 });
 
 Deno.test("train CLI: a link in ./runs leading outside is refused before the cache is read", async () => {
-  await withTempDir(async (dir) => {
-    const [runs, outside] = [join(dir, "runs"), join(dir, "outside")];
-    await Deno.mkdir(runs);
-    await Deno.mkdir(outside);
-    await Deno.symlink(outside, join(runs, "link"));
-    const result = await new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--allow-read",
-        `--allow-write=${runs}`,
-        "--allow-env=DISTILL_DEBUG,DENO_WEBGPU_BACKEND",
-        fileURLToPath(new URL("../../scripts/train.ts", import.meta.url)),
-        "--cache",
-        join(dir, "no-cache"),
-        "--qwen",
-        join(dir, "no-qwen"),
-        "--out",
-        join(runs, "link", "run"),
-      ],
-      stdout: "null",
-      stderr: "piped",
-    }).output();
-    const err = new TextDecoder().decode(result.stderr);
-    assert.equal(result.code, 1, err);
-    assert.ok(err.includes(`${join(runs, "link")} is a symbolic link to ${outside}`), err);
-    assert.deepEqual([...Deno.readDirSync(outside)], []);
-  });
+  await assertLinkRefused("runs", ({ root, allowed, link }) => [
+    "run",
+    "--allow-read",
+    `--allow-write=${allowed}`,
+    "--allow-env=DISTILL_DEBUG,DENO_WEBGPU_BACKEND",
+    fileURLToPath(new URL("../../scripts/train.ts", import.meta.url)),
+    ...["--cache", join(root, "no-cache"), "--qwen", join(root, "no-qwen")],
+    ...["--out", join(link, "run")],
+  ]);
 });

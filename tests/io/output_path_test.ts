@@ -14,6 +14,7 @@ import {
   rejectsAs,
   rejectsWith,
   TINY_DISK_IGNORED,
+  withLinkOutside,
   withTempDir,
   withTinyDisk,
 } from "../helpers.ts";
@@ -75,36 +76,23 @@ Deno.test("output file: parent made, an existing file refused unless --force, a 
   });
 });
 
-Deno.test({
-  name: "output folder: a link leading outside the allowed folder is refused, naming the link" +
-    " (nothing is written outside)",
-  async fn() {
-    await withTempDir(async (dir) => {
-      const [runs, outside] = [join(dir, "runs"), join(dir, "outside")];
-      await Deno.mkdir(runs);
-      await Deno.mkdir(outside);
-      await Deno.symlink(outside, join(runs, "link"));
-      const through = await writeInto(join(runs, "link", "run1"), runs);
-      assert.equal(through.ok, false);
-      assert.match(
-        through.stderr,
-        /is a symbolic link to .*outside the folders this task may write/,
-      );
-      assert.ok(through.stderr.includes(join(runs, "link")), through.stderr);
-      // A link inside the output folder (e.g. its checkpoints folder) is refused too.
-      await Deno.mkdir(join(runs, "run2"));
-      await Deno.symlink(outside, join(runs, "run2", "checkpoints"));
-      const inside = await writeInto(join(runs, "run2"), runs);
-      assert.equal(inside.ok, false);
-      assert.ok(inside.stderr.includes(`${join(runs, "run2", "checkpoints")} is a symbolic link`));
-      assert.deepEqual([...Deno.readDirSync(outside)], [], "nothing written outside");
-      // A link that stays inside the allowed folder is fine.
-      await Deno.mkdir(join(runs, "real"));
-      await Deno.symlink(join(runs, "real"), join(runs, "alias"));
-      assert.deepEqual(await writeInto(join(runs, "alias"), runs), { ok: true, stderr: "" });
-      assert.equal(await Deno.readTextFile(join(runs, "real", "note.txt")), "written\n");
-    });
-  },
+Deno.test("output folder: a link leading outside the allowed folder is refused, naming the link", async () => {
+  await withLinkOutside("runs", async ({ allowed, link, outside }) => {
+    const through = await writeInto(join(link, "run1"), allowed);
+    assert.equal(through.ok, false);
+    assert.ok(through.stderr.includes(`${link} is a symbolic link to ${outside}, outside`));
+    // A link inside the output folder (e.g. its checkpoints folder) is refused too.
+    await Deno.mkdir(join(allowed, "run2"));
+    await Deno.symlink(outside, join(allowed, "run2", "checkpoints"));
+    const inside = await writeInto(join(allowed, "run2"), allowed);
+    assert.equal(inside.ok, false);
+    assert.ok(inside.stderr.includes(`${join(allowed, "run2", "checkpoints")} is a symbolic link`));
+    // A link that stays inside the allowed folder is fine.
+    await Deno.mkdir(join(allowed, "real"));
+    await Deno.symlink(join(allowed, "real"), join(allowed, "alias"));
+    assert.deepEqual(await writeInto(join(allowed, "alias"), allowed), { ok: true, stderr: "" });
+    assert.equal(await Deno.readTextFile(join(allowed, "real", "note.txt")), "written\n");
+  });
 });
 
 Deno.test("I/O errors: disk full names the file being written; a sandbox denial stays as it is", () => {
