@@ -926,10 +926,12 @@ export async function verifyCache(dir: string): Promise<CacheVerifyReport> {
   );
   const missingShards = expected.filter((k) => !entries.has(k));
 
+  // No memo: --verify hashes every shard.
+  const hashes = await ShardHashCheck.load(dir);
   let shardsChecked = 0;
   for (const entry of [...entries.values()].sort((a, b) => a.index - b.index)) {
     const path = join(dir, entry.file);
-    const problem = await verifyShard(path, entry, layout);
+    const problem = await verifyShard(path, entry, layout, hashes);
     shardsChecked++;
     if (problem) problems.push(`${path}: ${problem}`);
   }
@@ -965,15 +967,13 @@ async function verifyShard(
   path: string,
   entry: CacheShardEntry,
   layout: ShardLayout,
+  hashes: ShardHashCheck,
 ): Promise<string | undefined> {
   const stat = await Deno.stat(path).catch(() => undefined);
   if (!stat?.isFile) return "missing (rerun the cache to compute it again)";
   if (stat.size !== entry.bytes) return `${stat.size} bytes, the manifest says ${entry.bytes}`;
-  const sha256 = await sha256File(path);
-  if (sha256 !== entry.sha256) {
-    return `SHA-256 ${sha256}, the manifest says ${entry.sha256}: the file was changed. Fix: ` +
-      `delete it and rerun the cache to compute it again`;
-  }
+  const changed = await hashes.problem(path, entry.file, entry.sha256, stat);
+  if (changed) return `${changed}. Fix: delete it and rerun the cache to compute it again`;
   const expected = { start: entry.rows[0], end: entry.rows[1], rowsSha256: entry.rowsSha256 };
   const inspected = await inspectShardFile(path, expected, layout);
   if (typeof inspected === "string") return inspected;
