@@ -112,6 +112,7 @@ export {
   type JsonScalar,
   mergeCacheManifests,
   openTargetCache,
+  type OpenTargetCacheOptions,
   TargetCache,
   type TargetRows,
   type Teacher,

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { join } from "node:path";
 import { Gpu, type GpuOptions } from "../src/gpu/device.ts";
 import { Rng } from "../src/train/rng.ts";
 
@@ -93,4 +94,66 @@ export async function rejectsAs(
 /** Asserts that `run` rejects with an error whose message contains every part. */
 export function rejectsWith(run: () => Promise<unknown>, ...parts: string[]): Promise<void> {
   return rejectsAs(run, Error, ...parts);
+}
+
+/** Whether the tests run as root (`id -u`; Deno.uid needs --allow-sys). */
+export const IS_ROOT = new TextDecoder().decode(
+  new Deno.Command("id", { args: ["-u"] }).outputSync().stdout,
+).trim() === "0";
+
+/** Why a test that mounts a tiny disk is ignored here, or "" when it can run. */
+export const TINY_DISK_IGNORED = IS_ROOT ? "" : " (ignored: mounting a tmpfs needs root)";
+
+/** Runs `run` on a fresh tmpfs of `bytes` (a full disk to write into), unmounted afterwards. */
+export async function withTinyDisk(bytes: number, run: (dir: string) => Promise<void>) {
+  await withTempDir(async (dir) => {
+    const mounted = new Deno.Command("mount", {
+      args: ["-t", "tmpfs", "-o", `size=${bytes}`, "tmpfs", dir],
+    }).outputSync();
+    assert.ok(mounted.success, new TextDecoder().decode(mounted.stderr));
+    try {
+      await run(dir);
+    } finally {
+      new Deno.Command("umount", { args: [dir] }).outputSync();
+    }
+  });
+}
+
+/**
+ * Runs `run` with a folder `allowed` (named `name`, as a task's write folder) holding `link`, a
+ * symbolic link to the folder `outside`; afterwards asserts that nothing was written outside.
+ */
+export async function withLinkOutside(
+  name: string,
+  run: (paths: { root: string; allowed: string; link: string; outside: string }) => Promise<void>,
+): Promise<void> {
+  await withTempDir(async (root) => {
+    const [allowed, outside] = [join(root, name), join(root, "outside")];
+    const link = join(allowed, "link");
+    await Deno.mkdir(allowed);
+    await Deno.mkdir(outside);
+    await Deno.symlink(outside, link);
+    await run({ root, allowed, link, outside });
+    assert.deepEqual([...Deno.readDirSync(outside)], [], "nothing is written outside");
+  });
+}
+
+/**
+ * Runs `deno <args>` (built from `withLinkOutside`'s paths) as a task writing through the link,
+ * and asserts it exits 1 naming the link and its target.
+ */
+export async function assertLinkRefused(
+  name: string,
+  argsFor: (paths: { root: string; allowed: string; link: string }) => string[],
+): Promise<void> {
+  await withLinkOutside(name, async ({ root, allowed, link, outside }) => {
+    const result = await new Deno.Command(Deno.execPath(), {
+      args: argsFor({ root, allowed, link }),
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    const err = new TextDecoder().decode(result.stderr);
+    assert.equal(result.code, 1, err);
+    assert.ok(err.includes(`${link} is a symbolic link to ${outside}`), err);
+  });
 }

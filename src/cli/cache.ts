@@ -1,4 +1,5 @@
 import { Gpu } from "../gpu/device.ts";
+import { prepareOutputFolder } from "../io/output_path.ts";
 import {
   CAPTION_FORMATS,
   type CaptionFormat,
@@ -120,6 +121,8 @@ export async function runCache(
   teacher: TeacherSource,
   log: (line: string) => void = (line) => console.error(line),
 ): Promise<CacheManifest> {
+  // A bad --out fails now, not after reading a large caption set.
+  await prepareOutputFolder(options.out);
   const set = await readCaptionSet(options.data, {
     format: options.format,
     captionField: options.captionField,

@@ -6,6 +6,7 @@
  */
 import { join } from "node:path";
 import { Gpu } from "../gpu/device.ts";
+import { prepareOutputFolder } from "../io/output_path.ts";
 import { writeRandomQwen3 } from "../models/random_qwen3.ts";
 import { type ClipTextShape, writeRandomSdxlTeacherFolder } from "../models/random_sdxl.ts";
 import { loadSdxlTeacher } from "../models/sdxl_teacher.ts";
@@ -96,7 +97,7 @@ export async function prepareOut(out: string, marker = MARKER, command = "demo")
     );
   }
   await Deno.remove(out, { recursive: true }).catch(() => {});
-  await Deno.mkdir(out, { recursive: true });
+  await prepareOutputFolder(out);
   await Deno.writeTextFile(
     join(out, marker),
     `made by distill ${command}; deleted on its next run\n`,

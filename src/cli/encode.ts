@@ -2,6 +2,7 @@ import { createHash } from "node:crypto";
 import { extname, join } from "node:path";
 import { Gpu } from "../gpu/device.ts";
 import { writeFileAtomic } from "../io/atomic.ts";
+import { prepareOutputFile } from "../io/output_path.ts";
 import { f32ArrayToF16 } from "../io/dtype.ts";
 import { writeSafetensors } from "../io/safetensors.ts";
 import { decodeUtf8 } from "../data/collect.ts";
@@ -28,7 +29,9 @@ Options:
   --negative <text>      negative prompt, encoded once and used for every prompt. Without it the
                          negative tensors are zeros, as diffusers' SDXL pipeline does by default
                          (force_zeros_for_empty_prompt)
-  --out <file>           output file (default conditioning.safetensors)
+  --out <file>           output file (default conditioning.safetensors); missing folders are
+                         made. Checked before any model is read
+  --force                replace --out if it exists (default: refuse)
   --format <name>        safetensors or json (default: from --out's extension)
   --dtype <name>         f16 (default) or f32 for the safetensors tensors
   --batch-size <n>       prompts per GPU pass (default 8)
@@ -58,8 +61,10 @@ export interface EncodeOptions {
    * diffusers' SDXL pipeline uses by default.
    */
   negative?: string;
-  /** Output file path. */
+  /** Output file path; missing folders are made. */
   out: string;
+  /** Replace `out` if it exists (default: refuse, before anything is loaded). */
+  force?: boolean;
   /** Output file format. */
   format: "safetensors" | "json";
   /** Element type of the safetensors tensors (JSON always holds the f32 values). */
@@ -183,6 +188,7 @@ export async function runEncode(
   options: EncodeOptions,
   log: (line: string) => void = (line) => console.error(line),
 ): Promise<EncodedFile> {
+  await prepareOutputFile(options.out, { force: options.force });
   const gpu = await Gpu.create();
   let student: Student | undefined;
   try {
@@ -244,6 +250,7 @@ export const encodeCommand: Command = {
       format: { type: "string" },
       dtype: { type: "string" },
       "batch-size": { type: "string" },
+      force: { type: "boolean" },
     }, true);
     if (values.help) return console.log(HELP);
     if (!values.qwen) throw new UsageError("encode: --qwen <folder> is required");
@@ -274,6 +281,7 @@ export const encodeCommand: Command = {
       format,
       dtype,
       batchSize: positiveInteger("--batch-size", values["batch-size"], 8),
+      force: values.force ?? false,
     });
   },
 };

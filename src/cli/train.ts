@@ -19,6 +19,7 @@ import {
   DEFAULT_EVAL_ROWS,
   DEFAULT_HELD_OUT_FRACTION,
   DEFAULT_KEEP_CHECKPOINTS,
+  resolveTrainConfig,
   train,
   type TrainOptions,
   type TrainProgress,
@@ -198,6 +199,56 @@ export function trainProgressLine(p: TrainProgress): string {
     `${p.samplesPerSecond.toFixed(1)} samples/s, ETA ${formatDuration(p.etaSeconds)}`;
 }
 
+/**
+ * The flag that sets each `TrainOptions` field (dotted for nested ones), so that errors the
+ * trainer words for library callers name what a CLI user typed.
+ */
+const FLAG_OF_FIELD: Record<string, string> = {
+  heldOutFraction: "--held-out",
+  heldOutFiles: "--held-out-files",
+  batchSize: "--batch-size",
+  microBatch: "--micro-batch",
+  gradAccum: "--grad-accum",
+  epochs: "--epochs",
+  maxSteps: "--max-steps",
+  "lr.resampler": "--lr-resampler",
+  "lr.lora": "--lr-lora",
+  weightDecay: "--weight-decay",
+  maxGradNorm: "--max-grad-norm",
+  warmupRatio: "--warmup-ratio",
+  seed: "--seed",
+  "lora.r": "--lora-r",
+  "lora.alpha": "--lora-alpha",
+  "lora.dropout": "--lora-dropout",
+  "lora.targetModules": "--lora-targets",
+  "resampler.dim": "--resampler-dim",
+  "resampler.depth": "--resampler-depth",
+  "resampler.heads": "--resampler-heads",
+  "resampler.dimHead": "--resampler-dim-head",
+  "resampler.ffMult": "--resampler-ff-mult",
+  "resampler.numPositions": "--resampler-positions",
+  "resampler.seqBias": "--no-mean-start",
+  "prompt.mode": "--prompt-mode",
+  "prompt.maxTokens": "--max-tokens",
+  evalEvery: "--eval-every",
+  evalRows: "--eval-rows",
+  checkpointEvery: "--checkpoint-every",
+  keepCheckpoints: "--keep-checkpoints",
+};
+
+const FIELD_NAMES = new RegExp(
+  `(?<![\\w.-])(${
+    Object.keys(FLAG_OF_FIELD).sort((a, b) => b.length - a.length).map((f) => f.replace(".", "\\."))
+      .join("|")
+  })(?![\\w.])`,
+  "g",
+);
+
+/** `message` with each option field name replaced by its flag. */
+export function withFlagNames(message: string): string {
+  return message.replace(FIELD_NAMES, (field) => FLAG_OF_FIELD[field]);
+}
+
 /** The command line as `train` options; usage errors name the flag. */
 export function parseTrainArgs(args: string[]): TrainOptions | undefined {
   const { values: v } = parseCommandArgs("train", args, TRAIN_OPTIONS);
@@ -277,6 +328,11 @@ export const trainCommand: Command = {
   async run(args) {
     const options = parseTrainArgs(args);
     if (!options) return console.log(TRAIN_HELP);
+    try {
+      resolveTrainConfig(options);
+    } catch (error) {
+      throw new UsageError(`train: ${withFlagNames((error as Error).message)}`);
+    }
     const due = progressThrottle();
     try {
       await train(options, {
@@ -286,6 +342,7 @@ export const trainCommand: Command = {
         },
       });
     } catch (error) {
+      if (error instanceof Error) error.message = withFlagNames(error.message);
       throw explainPermission(error, TRAIN_TASK);
     }
   },

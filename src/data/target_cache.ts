@@ -14,9 +14,13 @@
 import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { writeFileAtomic } from "../io/atomic.ts";
+import { prepareOutputFolder } from "../io/output_path.ts";
 import { decodeF32, f32ArrayToF16 } from "../io/dtype.ts";
 import { SafetensorsFile, type TensorInfo, writeSafetensors } from "../io/safetensors.ts";
 import { captionHash, type CaptionRow } from "./captions.ts";
+import { sha256File, ShardHashCheck } from "./cache_verify.ts";
+
+export { sha256File };
 
 /** The `format` of a cache manifest; other values are refused. */
 export const CACHE_FORMAT = "distill-target-cache";
@@ -170,21 +174,6 @@ export function manifestFileName(worker?: CacheWorker): string {
 
 function sha256Hex(text: string): string {
   return createHash("sha256").update(text, "utf8").digest("hex");
-}
-
-/** SHA-256 of a file's bytes, read in 1 MiB pieces. */
-export async function sha256File(path: string): Promise<string> {
-  const hash = createHash("sha256");
-  const file = await Deno.open(path, { read: true });
-  try {
-    const buffer = new Uint8Array(1 << 20);
-    for (let n = await file.read(buffer); n !== null; n = await file.read(buffer)) {
-      hash.update(buffer.subarray(0, n));
-    }
-  } finally {
-    file.close();
-  }
-  return hash.digest("hex");
 }
 
 /** JSON with object keys sorted at every level, so equal values give equal text. */
@@ -723,7 +712,7 @@ export async function buildTargetCache(options: BuildTargetCacheOptions): Promis
   const hashes = rows.map((row) => captionHash(row.caption));
   const rowsSha256 = rowListSha256(rows.map((row) => row.id), hashes);
 
-  await Deno.mkdir(dir, { recursive: true });
+  await prepareOutputFolder(dir);
   const found = await readManifests(dir);
   for (const { path, manifest } of found) {
     checkSameTeacher(path, manifest.teacher, record);
@@ -937,10 +926,12 @@ export async function verifyCache(dir: string): Promise<CacheVerifyReport> {
   );
   const missingShards = expected.filter((k) => !entries.has(k));
 
+  // No memo: --verify hashes every shard.
+  const hashes = await ShardHashCheck.load(dir);
   let shardsChecked = 0;
   for (const entry of [...entries.values()].sort((a, b) => a.index - b.index)) {
     const path = join(dir, entry.file);
-    const problem = await verifyShard(path, entry, layout);
+    const problem = await verifyShard(path, entry, layout, hashes);
     shardsChecked++;
     if (problem) problems.push(`${path}: ${problem}`);
   }
@@ -976,15 +967,13 @@ async function verifyShard(
   path: string,
   entry: CacheShardEntry,
   layout: ShardLayout,
+  hashes: ShardHashCheck,
 ): Promise<string | undefined> {
   const stat = await Deno.stat(path).catch(() => undefined);
   if (!stat?.isFile) return "missing (rerun the cache to compute it again)";
   if (stat.size !== entry.bytes) return `${stat.size} bytes, the manifest says ${entry.bytes}`;
-  const sha256 = await sha256File(path);
-  if (sha256 !== entry.sha256) {
-    return `SHA-256 ${sha256}, the manifest says ${entry.sha256}: the file was changed. Fix: ` +
-      `delete it and rerun the cache to compute it again`;
-  }
+  const changed = await hashes.problem(path, entry.file, entry.sha256, stat);
+  if (changed) return `${changed}. Fix: delete it and rerun the cache to compute it again`;
   const expected = { start: entry.rows[0], end: entry.rows[1], rowsSha256: entry.rowsSha256 };
   const inspected = await inspectShardFile(path, expected, layout);
   if (typeof inspected === "string") return inspected;
@@ -1086,8 +1075,11 @@ export class TargetCache {
     return this.manifest.teacher;
   }
 
-  /** Opens `dir/manifest.json` and every shard's header; refuses an incomplete cache. */
-  static async open(dir: string): Promise<TargetCache> {
+  /**
+   * Opens `dir/manifest.json` and every shard's header after checking each shard's SHA-256
+   * against the manifest; refuses an incomplete or damaged cache.
+   */
+  static async open(dir: string, options: OpenTargetCacheOptions = {}): Promise<TargetCache> {
     const path = join(dir, MANIFEST_FILE);
     let text: string;
     try {
@@ -1111,6 +1103,7 @@ export class TargetCache {
       );
     }
     const layout = layoutOf(manifest.teacher);
+    const hashes = await ShardHashCheck.load(dir, options.verifiedShardsFile);
     const shards: OpenShard[] = [];
     const ids: string[] = [];
     const captions: string[] = [];
@@ -1118,13 +1111,15 @@ export class TargetCache {
       const shardPath = join(dir, entry.file);
       const expected = { start: entry.rows[0], end: entry.rows[1], rowsSha256: entry.rowsSha256 };
       const stat = await Deno.stat(shardPath).catch(() => undefined);
-      const inspected = stat?.size === entry.bytes
-        ? await inspectShardFile(shardPath, expected, layout)
-        : `${stat ? `${stat.size} bytes, the manifest says ${entry.bytes}` : "missing"}`;
+      const inspected = stat?.size !== entry.bytes
+        ? `${stat ? `${stat.size} bytes, the manifest says ${entry.bytes}` : "missing"}`
+        : await hashes.problem(shardPath, entry.file, entry.sha256, stat) ??
+          await inspectShardFile(shardPath, expected, layout);
       if (typeof inspected === "string") {
         throw new CacheError(
-          `${shardPath}: ${inspected}. Fix: run deno task cache --verify --out ${dir}, delete ` +
-            `the damaged shards and rerun the cache to compute them again.`,
+          `${shardPath}: ${inspected}. Fix: run deno task cache --verify --out ${dir} to list ` +
+            `the damaged shards, delete them and rerun deno task cache --out ${dir} with the ` +
+            `same options to compute them again.`,
         );
       }
       const { contents } = inspected;
@@ -1138,6 +1133,7 @@ export class TargetCache {
       ids.push(...contents.ids);
       captions.push(...contents.captions);
     }
+    await hashes.save();
     return new TargetCache(dir, manifest, shards, ids, captions);
   }
 
@@ -1200,7 +1196,19 @@ export class TargetCache {
   }
 }
 
-/** Opens a complete target cache for reading (see `TargetCache`). */
-export function openTargetCache(dir: string): Promise<TargetCache> {
-  return TargetCache.open(dir);
+/** How `openTargetCache` opens a cache. */
+export interface OpenTargetCacheOptions {
+  /**
+   * A file (in a folder the caller writes) remembering the shards already verified, so the
+   * next open of an unchanged cache hashes nothing; without it every shard is hashed.
+   */
+  verifiedShardsFile?: string;
+}
+
+/** Opens a complete, verified target cache for reading (see `TargetCache.open`). */
+export function openTargetCache(
+  dir: string,
+  options: OpenTargetCacheOptions = {},
+): Promise<TargetCache> {
+  return TargetCache.open(dir, options);
 }

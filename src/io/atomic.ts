@@ -4,19 +4,29 @@
  * midway leaves the old file intact and removes the temp file.
  */
 
+import { ioErrorAt } from "./output_path.ts";
+
 /** Writes every byte of `bytes`: `FsFile.write` may write fewer than asked. */
 export async function writeAll(file: Deno.FsFile, bytes: Uint8Array): Promise<void> {
   let done = 0;
   while (done < bytes.byteLength) done += await file.write(bytes.subarray(done));
 }
 
-/** Runs `write` on a fresh temp file next to `path`, then renames it over `path`. */
+/**
+ * Runs `write` on a fresh temp file next to `path`, then renames it over `path`. I/O errors
+ * (disk full, an OS permission refusal) name `path` and the fix.
+ */
 export async function writeAtomic(
   path: string,
   write: (file: Deno.FsFile) => Promise<void>,
 ): Promise<void> {
   const tmp = `${path}.tmp-${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
-  const file = await Deno.open(tmp, { write: true, createNew: true });
+  let file: Deno.FsFile;
+  try {
+    file = await Deno.open(tmp, { write: true, createNew: true });
+  } catch (error) {
+    throw ioErrorAt(error, path);
+  }
   try {
     try {
       await write(file);
@@ -27,7 +37,7 @@ export async function writeAtomic(
     await Deno.rename(tmp, path);
   } catch (error) {
     await Deno.remove(tmp).catch(() => undefined);
-    throw error;
+    throw ioErrorAt(error, path);
   }
 }
 

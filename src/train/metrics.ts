@@ -23,6 +23,7 @@
  */
 import { join } from "node:path";
 import { writeAll, writeFileAtomic } from "../io/atomic.ts";
+import { ioErrorAt } from "../io/output_path.ts";
 
 export const METRICS_FILE = "metrics.jsonl";
 
@@ -245,9 +246,16 @@ export class MetricsLog {
     return this.append({ type: "eval", ...record });
   }
 
-  /** Appends one line in one write call (see the module comment). Await it before the next. */
-  private append(record: MetricsRecord): Promise<void> {
-    return writeAll(this.file, new TextEncoder().encode(formatMetricsLine(record)));
+  /**
+   * Appends one line in one write call (see the module comment). Await it before the next. An
+   * I/O error (disk full) names the log file.
+   */
+  private async append(record: MetricsRecord): Promise<void> {
+    try {
+      await writeAll(this.file, new TextEncoder().encode(formatMetricsLine(record)));
+    } catch (error) {
+      throw ioErrorAt(error, this.path);
+    }
   }
 
   close(): void {

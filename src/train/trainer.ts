@@ -11,6 +11,7 @@
  *   adapter/                         the trained adapter (src/train/adapter.ts)
  *   checkpoints/latest.json          {"step": N, "dir": "step-000000N"}: the newest checkpoint
  *   checkpoints/step-000000N/        adapter files + optimizer.safetensors + trainer_state.json
+ *   verified-shards.json             cache shards whose SHA-256 was checked (src/data/cache_verify.ts)
  *
  * Determinism: nothing random is carried from step to step. The order of epoch `e` is a
  * permutation drawn from `mixSeed(seed, e)`, the LoRA dropout of micro-batch `i` of step `s`
@@ -25,10 +26,12 @@
 import { basename, join } from "node:path";
 import { Gpu } from "../gpu/device.ts";
 import { writeFileAtomic } from "../io/atomic.ts";
+import { prepareOutputFolder } from "../io/output_path.ts";
 import { ModelFolder } from "../io/hf.ts";
 import { SafetensorsFile, writeSafetensors } from "../io/safetensors.ts";
 import { type CaptionRow, heldOutScore, splitHeldOut } from "../data/captions.ts";
 import { openTargetCache, type TargetCache, type TeacherRecord } from "../data/target_cache.ts";
+import { VERIFIED_SHARDS_FILE } from "../data/cache_verify.ts";
 import {
   DEFAULT_LORA_CONFIG,
   destroyLora,
@@ -1089,11 +1092,14 @@ export async function train(options: TrainOptions, hooks: TrainHooks = {}): Prom
   const config = resolveTrainConfig(options);
   const log = hooks.log ?? ((line: string) => console.error(line));
   checkLoraTargets(config.lora.targetModules, config.qwen);
-  // Fails fast when the run folder cannot be written (e.g. outside the task's permissions).
-  await Deno.mkdir(config.out, { recursive: true });
+  // Fails fast when the run folder cannot be written (outside the task's permissions, or
+  // reached through a link that leads outside them).
+  await prepareOutputFolder(config.out);
 
   // Everything cheap is checked before the weights are read.
-  const cache = await openTargetCache(config.cache);
+  const cache = await openTargetCache(config.cache, {
+    verifiedShardsFile: join(config.out, VERIFIED_SHARDS_FILE),
+  });
   const split = config.heldOutFiles.length
     ? splitCacheRowsByFile(cache.ids, cache.captions, config.heldOutFiles)
     : splitCacheRows(cache.captions, config.heldOutFraction);

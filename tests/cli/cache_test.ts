@@ -10,7 +10,14 @@ import {
   readTree,
   writeSampleJsonl,
 } from "../data/fake_teacher.ts";
-import { rejectsAs, withTempDir } from "../helpers.ts";
+import {
+  assertLinkRefused,
+  IS_ROOT,
+  rejectsAs,
+  TINY_DISK_IGNORED,
+  withTempDir,
+  withTinyDisk,
+} from "../helpers.ts";
 
 const FAKE_RUN = new URL("./cache_fake_run.ts", import.meta.url).pathname;
 
@@ -262,4 +269,34 @@ Deno.test("cache: a write outside the permitted folder names the fix", async () 
     assert.equal(result.code, 1, err);
     assert.match(err, /may write only under \.\/cache\. Fix: use --out cache\/<name>/);
   });
+});
+
+Deno.test("cache: a link in the permitted folder leading outside is refused before reading captions", async () => {
+  // No captions file: the output check must come first.
+  await assertLinkRefused("cache", ({ root, allowed, link }) =>
+    fakeRunArgs(allowed, 0, [
+      ...["--data", join(root, "missing.jsonl"), "--sdxl", "m"],
+      ...["--out", join(link, "c")],
+    ]));
+});
+
+Deno.test({
+  name: "cache: a full disk names the file being written and the fix" + TINY_DISK_IGNORED,
+  ignore: !IS_ROOT,
+  async fn() {
+    await withTempDir(async (dir) => {
+      const data = await writeSampleJsonl(dir, 40);
+      await withTinyDisk(16 << 10, async (disk) => {
+        const { command } = commandWith();
+        const out = join(disk, "c");
+        const { error } = await captureConsole(() =>
+          command.run(["--data", data, "--sdxl", "m", "--out", out])
+        );
+        assert.match(
+          error?.message ?? "",
+          new RegExp(`^${out}/targets-00000\\.safetensors: the disk is full .*free space`),
+        );
+      });
+    });
+  },
 });

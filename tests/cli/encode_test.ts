@@ -15,7 +15,7 @@ import { initResampler, RESAMPLER_DEFAULTS } from "../../src/models/resampler.ts
 import { readQwenPackageFiles } from "../../src/text/qwen_tokenizer.ts";
 import { baseModelRecord, saveAdapter } from "../../src/train/adapter.ts";
 import { Rng } from "../../src/train/rng.ts";
-import { testGpu } from "../helpers.ts";
+import { rejectsWith, testGpu } from "../helpers.ts";
 
 const SIZES = {
   hiddenSize: 32,
@@ -159,6 +159,31 @@ Deno.test("encode: missing adapter files are named", async () => {
     encodeWith({ adapter: empty, out: join(root, "y.safetensors") }),
     /adapter_config\.json not found/,
   );
+});
+
+Deno.test("encode: missing output folders are made; a bad --out fails before any model is read", async () => {
+  // The README's example: --out in a folder that does not exist yet.
+  const nested = join(root, "made", "out", "cond.safetensors");
+  const models = ["--qwen", student.qwen, "--adapter", student.adapter];
+  await encodeCommand.run([...models, "--out", nested, "a cat"]);
+  const written = await SafetensorsFile.open(nested);
+  assert.equal(written.info("prompt_embeds").dtype, "F16");
+  written.close();
+  // Nonexistent model folders: an output error must come first, before anything is loaded.
+  const missing = ["--qwen", join(root, "no-qwen"), "--adapter", join(root, "no-adapter")];
+  await Deno.writeTextFile(join(root, "a-file"), "x");
+  await rejectsWith(
+    () => encodeCommand.run([...missing, "--out", join(root, "a-file", "c.safetensors"), "a cat"]),
+    `${join(root, "a-file")} is a file, not a folder`,
+  );
+  await rejectsWith(
+    () => encodeCommand.run([...missing, "--out", nested, "a cat"]),
+    `--out ${nested}: the file exists. Fix: pass --force`,
+  );
+  await encodeCommand.run([...models, "--out", nested, "--force", "a dog"]);
+  const replaced = await SafetensorsFile.open(nested);
+  assert.equal(replaced.metadata.prompts, JSON.stringify(["a dog"]));
+  replaced.close();
 });
 
 Deno.test("prompts files: blank lines and invalid UTF-8 are refused with the line", async () => {

@@ -1,12 +1,17 @@
 import assert from "node:assert/strict";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { UsageError } from "../../src/cli/args.ts";
 import {
   parseTrainArgs,
   TRAIN_HELP,
   TRAIN_OPTIONS,
+  trainCommand,
   trainProgressLine,
+  withFlagNames,
 } from "../../src/cli/train.ts";
 import { resolveTrainConfig } from "../../src/train/trainer.ts";
+import { assertLinkRefused, rejectsWith } from "../helpers.ts";
 
 const REQUIRED = ["--cache", "cache/c", "--qwen", "models/q", "--out", "runs/r"];
 
@@ -71,6 +76,31 @@ Deno.test("train CLI: bad command lines are usage errors naming the flag", () =>
   }
 });
 
+Deno.test("train CLI: option errors name the flag; the library keeps the option field", async () => {
+  const bad: Array<[string[], string]> = [
+    [["--held-out", "1.5"], "train: --held-out must be in [0, 1) (got 1.5)"],
+    [["--batch-size", "4", "--micro-batch", "9"], "--micro-batch 9 is larger than --batch-size 4"],
+    [["--lr-lora=-1"], "--lr-lora must be a number >= 0 (got -1)"],
+    [["--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1] (got 2)"],
+  ];
+  for (const [args, message] of bad) {
+    await rejectsWith(() => trainCommand.run([...REQUIRED, ...args]), message);
+  }
+  // A resumed run's mismatch lines too; flags already in a message stay as they are.
+  assert.equal(
+    withFlagNames(
+      "lr.resampler: 0.003 (checkpoint) vs 0.001 (now)\nseed: 1 (checkpoint) vs 2 " +
+        "(now)\nprompt.maxTokens: 256 (checkpoint) vs 77 (now); use --epochs",
+    ),
+    "--lr-resampler: 0.003 (checkpoint) vs 0.001 (now)\n--seed: 1 (checkpoint) vs 2 (now)\n" +
+      "--max-tokens: 256 (checkpoint) vs 77 (now); use --epochs",
+  );
+  assert.throws(
+    () => resolveTrainConfig({ ...parseTrainArgs(REQUIRED)!, heldOutFraction: 1.5 }),
+    /^Error: heldOutFraction must be in \[0, 1\) \(got 1\.5\)$/,
+  );
+});
+
 Deno.test("train CLI: a progress line has step, loss, rate and ETA", () => {
   const line = trainProgressLine({
     step: 120,
@@ -90,4 +120,16 @@ Deno.test("train CLI: a progress line has step, loss, rate and ETA", () => {
     "train: step 120/5000 (2.4%), epoch 1/2, loss 0.4321 (seq 0.4100, pooled 0.02214), " +
       "lr 9.90e-5, 12.3 samples/s, ETA 1h02m",
   );
+});
+
+Deno.test("train CLI: a link in ./runs leading outside is refused before the cache is read", async () => {
+  await assertLinkRefused("runs", ({ root, allowed, link }) => [
+    "run",
+    "--allow-read",
+    `--allow-write=${allowed}`,
+    "--allow-env=DISTILL_DEBUG,DENO_WEBGPU_BACKEND",
+    fileURLToPath(new URL("../../scripts/train.ts", import.meta.url)),
+    ...["--cache", join(root, "no-cache"), "--qwen", join(root, "no-qwen")],
+    ...["--out", join(link, "run")],
+  ]);
 });
