@@ -4,8 +4,16 @@ import { demoCommand } from "./demo.ts";
 import { encodeCommand } from "./encode.ts";
 import { infoCommand } from "./info.ts";
 import { trainCommand } from "./train.ts";
+import { wandbSyncCommand } from "./wandb_sync.ts";
 
-const COMMANDS: Command[] = [infoCommand, cacheCommand, trainCommand, encodeCommand, demoCommand];
+const COMMANDS: Command[] = [
+  infoCommand,
+  cacheCommand,
+  trainCommand,
+  encodeCommand,
+  demoCommand,
+  wandbSyncCommand,
+];
 
 function usage(): string {
   const lines = COMMANDS.map((c) => `  ${c.name.padEnd(10)} ${c.summary}`);

@@ -30,6 +30,13 @@ import {
   progressThrottle,
   type ScopedTask,
 } from "./progress.ts";
+import {
+  startWandbTracking,
+  WANDB_FLAGS_HELP,
+  WANDB_OPTIONS,
+  wandbRunOptions,
+} from "./wandb_sync.ts";
+import type { WandbRunOptions } from "../train/wandb.ts";
 
 const TRAIN_TASK: ScopedTask = {
   name: "train",
@@ -103,6 +110,10 @@ Evaluation, checkpoints, memory:
   } layers; saves memory, costs one more forward pass)
   --resume                    continue from <out>/checkpoints/latest.json with the same options
                               (starts from step 0 when there is no checkpoint yet)
+
+Weights & Biases (live; metrics.jsonl stays the full record, see 'deno task wandb-sync'):
+${WANDB_FLAGS_HELP}
+
   -h, --help                  show this help
 
 A resumed run takes exactly the steps the uninterrupted run would have taken (same data
@@ -155,6 +166,7 @@ export const TRAIN_OPTIONS = {
   "gradient-checkpointing": { type: "boolean" },
   "no-gradient-checkpointing": { type: "boolean" },
   resume: { type: "boolean" },
+  ...WANDB_OPTIONS,
 } as const;
 
 function integer(flag: string, value: string | undefined, min: number): number | undefined {
@@ -184,8 +196,10 @@ export function trainProgressLine(p: TrainProgress): string {
     `${p.samplesPerSecond.toFixed(1)} samples/s, ETA ${formatDuration(p.etaSeconds)}`;
 }
 
-/** The command line as `train` options; usage errors name the flag. */
-export function parseTrainArgs(args: string[]): TrainOptions | undefined {
+/** The command line as `train` options (and W&B's); usage errors name the flag. */
+export function parseTrainArgs(
+  args: string[],
+): (TrainOptions & { wandb?: WandbRunOptions }) | undefined {
   const { values: v } = parseCommandArgs("train", args, TRAIN_OPTIONS);
   if (v.help) return undefined;
   for (const flag of ["cache", "qwen", "out"] as const) {
@@ -202,6 +216,7 @@ export function parseTrainArgs(args: string[]): TrainOptions | undefined {
       `train: --prompt-mode ${JSON.stringify(mode)}: expected ${QWEN_PROMPT_MODES.join(" or ")}`,
     );
   }
+  const wandb = wandbRunOptions("train", v);
   const lrResampler = number("lr-resampler", v["lr-resampler"]);
   const lrLora = number("lr-lora", v["lr-lora"]);
   return {
@@ -251,6 +266,7 @@ export function parseTrainArgs(args: string[]): TrainOptions | undefined {
       ? false
       : undefined,
     resume: v.resume ?? false,
+    ...(wandb ? { wandb } : {}),
   };
 }
 
@@ -258,18 +274,25 @@ export const trainCommand: Command = {
   name: "train",
   summary: "train the student (LoRA + resampler) on a target cache (resumable)",
   async run(args) {
-    const options = parseTrainArgs(args);
-    if (!options) return console.log(TRAIN_HELP);
+    const parsed = parseTrainArgs(args);
+    if (!parsed) return console.log(TRAIN_HELP);
+    const { wandb: wandbRun, ...options } = parsed;
     const due = progressThrottle();
+    const wandb = wandbRun && await startWandbTracking(options.out, wandbRun, !!options.resume);
+    let exitCode = 1;
     try {
       await train(options, {
         onProgress(progress) {
           // The last step's line is always shown: the run ends on it.
           if (due(progress.step >= progress.totalSteps)) console.error(trainProgressLine(progress));
         },
+        onMetrics: wandb ? (record) => wandb.record(record) : undefined,
       });
+      exitCode = 0;
     } catch (error) {
       throw explainPermission(error, TRAIN_TASK);
+    } finally {
+      await wandb?.finish(exitCode);
     }
   },
 };
