@@ -297,6 +297,7 @@ export class WandbRun {
     if (this.pending) this.queue.push(this.pending);
     const runtime = record.type === "step" ? record.elapsed_s : this.pending?.runtime ?? 0;
     this.pending = { step: record.step, fields: { ...fields }, runtime };
+    Object.assign(this.summary, { _step: record.step, _runtime: runtime });
     this.lastQueuedStep = record.step;
     if (this.queue.length >= this.timing.flushRows) this.flush();
   }
@@ -367,10 +368,7 @@ export class WandbRun {
         if (lines.length > 0) {
           files[HISTORY_FILE] = { offset: this.state.history_offset, content: lines };
         }
-        const summary = last
-          ? { ...this.summary, _step: last.step, _runtime: last.runtime }
-          : this.summary;
-        files[SUMMARY_FILE] = { offset: 0, content: [wandbJson(summary)] };
+        files[SUMMARY_FILE] = { offset: 0, content: [wandbJson(this.summary)] };
         const done = final && rows.length === this.queue.length;
         await this.post(
           `files/${this.state.entity}/${this.state.project}/${this.state.run_id}/file_stream`,
