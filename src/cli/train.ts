@@ -128,6 +128,8 @@ Example (Qwen3-4B):
   then, after an interruption, the same command with --resume.
 
 Permissions: the 'train' task may read any file, write only under ./runs and reach no network.
+'train:wandb' adds WANDB_API_KEY, WANDB_BASE_URL and the host api.wandb.ai (see the README for
+a self-hosted server).
 To write elsewhere, widen the write permission to that folder alone:
   deno run --allow-read --allow-write=<out> --allow-env=DISTILL_DEBUG,DENO_WEBGPU_BACKEND \\
     scripts/train.ts --out <out> ...`;

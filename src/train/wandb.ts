@@ -317,6 +317,7 @@ export class WandbRun {
    */
   async finish(exitCode: number): Promise<number> {
     clearInterval(this.timer);
+    if (!this.stateWritten) return 0; // training stopped before its first record: no W&B run
     if (this.pending) this.queue.push(this.pending);
     this.pending = undefined;
     await this.flush({ exitCode });
@@ -328,7 +329,9 @@ export class WandbRun {
           `metrics.jsonl has them all: send them with ${this.options.syncHint}`,
       );
     } else {
-      this.options.log(`wandb: run ${this.url} complete, ${this.state.history_offset} rows`);
+      this.options.log(
+        `wandb: run ${this.url} finished (exit code ${exitCode}), ${this.state.history_offset} rows`,
+      );
     }
     return unsent;
   }

@@ -112,7 +112,7 @@ Deno.test("train:wandb task: the run's every metric reaches W&B under its metric
     assert.ok("grad_norm/lora" in rows[1] && "heldout_loss" in rows[2] && "cos_seq" in rows[4]);
     assert.equal(parseWandbLine(run.summary[0]).heldout_loss, rows[4].heldout_loss);
     assert.deepEqual(run.complete, { exitcode: 0 });
-    assert.match(stderr, /wandb: run .* complete, 5 rows/);
+    assert.match(stderr, /wandb: run .* finished \(exit code 0\), 5 rows/);
 
     assert.ok(!stderr.includes(KEY), "the key is in the log");
     for (const file of await filesUnder(out)) {
