@@ -5,6 +5,8 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
+import { UsageError } from "../../src/cli/args.ts";
+import { parseTrainArgs } from "../../src/cli/train.ts";
 import { readMetrics } from "../../src/train/metrics.ts";
 import { historyFields } from "../../src/train/wandb.ts";
 import { FakeWandb, parseWandbLine } from "../train/fake_wandb.ts";
@@ -121,4 +123,21 @@ Deno.test("train:wandb task: the run's every metric reaches W&B under its metric
       assert.ok(!text.includes(KEY), `the key is in ${file}`);
     }
   });
+});
+
+Deno.test("train CLI: the --wandb flags become run options; the others need --wandb", () => {
+  const required = ["--cache", "c", "--qwen", "q", "--out", "runs/r"];
+  assert.equal(parseTrainArgs(required)!.wandb, undefined);
+  assert.deepEqual(
+    parseTrainArgs([
+      ...required,
+      ...["--wandb", "distill", "--wandb-entity", "team", "--wandb-tags", "a, b,"],
+    ])!.wandb,
+    { project: "distill", entity: "team", tags: ["a", "b"] },
+  );
+  assert.throws(
+    () => parseTrainArgs([...required, "--wandb-name", "x"]),
+    (e: Error) => e instanceof UsageError && /--wandb-name needs --wandb <project>/.test(e.message),
+  );
+  assert.throws(() => parseTrainArgs([...required, "--wandb", "a/b"]), /expected a project name/);
 });
