@@ -288,7 +288,9 @@ export class WandbRun {
       return;
     }
     const fields = historyFields(record);
-    Object.assign(this.summary, fields);
+    // The summary takes every record, those W&B already has too, so it ends on the last values.
+    Object.assign(this.summary, fields, { _step: record.step });
+    if (record.type === "step") this.summary._runtime = record.elapsed_s;
     if (this.pending && record.step === this.pending.step) {
       Object.assign(this.pending.fields, fields);
       return;
@@ -297,7 +299,6 @@ export class WandbRun {
     if (this.pending) this.queue.push(this.pending);
     const runtime = record.type === "step" ? record.elapsed_s : this.pending?.runtime ?? 0;
     this.pending = { step: record.step, fields: { ...fields }, runtime };
-    Object.assign(this.summary, { _step: record.step, _runtime: runtime });
     this.lastQueuedStep = record.step;
     if (this.queue.length >= this.timing.flushRows) this.flush();
   }

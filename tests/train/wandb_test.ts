@@ -266,6 +266,8 @@ Deno.test("wandb: with W&B unreachable the run goes on; wandb-sync sends the row
     const again = server.streams.slice(sent);
     assert.ok(again.every((r) => !("wandb-history.jsonl" in (r.body.files as object))));
     assert.deepEqual(steps(run.history), [0, 1, 2, 3, 4, 5, 6]);
+    const summary = parseWandbLine(run.summary[0]);
+    assert.deepEqual([summary._step, summary._runtime, summary.heldout_loss], [6, 3, 2 / 7]);
     await assertNoKeyIn(dir, lines);
   });
 });
