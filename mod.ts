@@ -160,6 +160,16 @@ export {
   saveAdapter,
   type TrainedAdapter,
 } from "./src/train/adapter.ts";
+// Live W&B tracking: `WandbRun.start(...)`, then `onMetrics: (r) => run.record(r)` in the
+// train hooks and `run.finish(exitCode)` at the end.
+export { type MetricsRecord } from "./src/train/metrics.ts";
+export {
+  type WandbConnection,
+  wandbConnection,
+  WandbRun,
+  type WandbRunOptions,
+  type WandbStartOptions,
+} from "./src/train/wandb.ts";
 
 // The command line: `main(args)` runs one command and resolves to its exit code.
 import { main } from "./src/cli/main.ts";

@@ -5,6 +5,7 @@ import { demoCommand } from "./demo.ts";
 import { encodeCommand } from "./encode.ts";
 import { infoCommand } from "./info.ts";
 import { trainCommand } from "./train.ts";
+import { wandbSyncCommand } from "./wandb_sync.ts";
 
 const COMMANDS: Command[] = [
   infoCommand,
@@ -13,6 +14,7 @@ const COMMANDS: Command[] = [
   encodeCommand,
   demoCommand,
   benchLearnCommand,
+  wandbSyncCommand,
 ];
 
 function usage(): string {

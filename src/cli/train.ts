@@ -31,6 +31,13 @@ import {
   progressThrottle,
   type ScopedTask,
 } from "./progress.ts";
+import {
+  startWandbTracking,
+  WANDB_FLAGS_HELP,
+  WANDB_OPTIONS,
+  wandbRunOptions,
+} from "./wandb_sync.ts";
+import type { WandbRunOptions } from "../train/wandb.ts";
 
 const TRAIN_TASK: ScopedTask = {
   name: "train",
@@ -115,6 +122,10 @@ Evaluation, checkpoints, memory:
   } layers; saves memory, costs one more forward pass)
   --resume                    continue from <out>/checkpoints/latest.json with the same options
                               (starts from step 0 when there is no checkpoint yet)
+
+Weights & Biases (live; metrics.jsonl stays the full record, see 'deno task wandb-sync'):
+${WANDB_FLAGS_HELP}
+
   -h, --help                  show this help
 
 A resumed run takes exactly the steps the uninterrupted run would have taken (same data
@@ -129,6 +140,8 @@ Example (Qwen3-4B):
   then, after an interruption, the same command with --resume.
 
 Permissions: the 'train' task may read any file, write only under ./runs and reach no network.
+'train:wandb' adds WANDB_API_KEY, WANDB_BASE_URL and the host api.wandb.ai (see the README for
+a self-hosted server).
 To write elsewhere, widen the write permission to that folder alone:
   deno run --allow-read --allow-write=<out> --allow-env=DISTILL_DEBUG,DENO_WEBGPU_BACKEND \\
     scripts/train.ts --out <out> ...`;
@@ -170,6 +183,7 @@ export const TRAIN_OPTIONS = {
   "gradient-checkpointing": { type: "boolean" },
   "no-gradient-checkpointing": { type: "boolean" },
   resume: { type: "boolean" },
+  ...WANDB_OPTIONS,
 } as const;
 
 function integer(flag: string, value: string | undefined, min: number): number | undefined {
@@ -249,8 +263,11 @@ export function withFlagNames(message: string): string {
   return message.replace(FIELD_NAMES, (field) => FLAG_OF_FIELD[field]);
 }
 
-/** The command line as `train` options; usage errors name the flag. */
-export function parseTrainArgs(args: string[]): TrainOptions | undefined {
+/** The command line as `train` options (and W&B's); usage errors name the flag. */
+export function parseTrainArgs(
+  args: string[],
+): (TrainOptions & { wandb?: WandbRunOptions }) | undefined {
+
   const { values: v } = parseCommandArgs("train", args, TRAIN_OPTIONS);
   if (v.help) return undefined;
   for (const flag of ["cache", "qwen", "out"] as const) {
@@ -267,6 +284,7 @@ export function parseTrainArgs(args: string[]): TrainOptions | undefined {
       `train: --prompt-mode ${JSON.stringify(mode)}: expected ${QWEN_PROMPT_MODES.join(" or ")}`,
     );
   }
+  const wandb = wandbRunOptions("train", v);
   const lrResampler = number("lr-resampler", v["lr-resampler"]);
   const lrLora = number("lr-lora", v["lr-lora"]);
   return {
@@ -319,6 +337,7 @@ export function parseTrainArgs(args: string[]): TrainOptions | undefined {
       ? false
       : undefined,
     resume: v.resume ?? false,
+    ...(wandb ? { wandb } : {}),
   };
 }
 
@@ -326,24 +345,31 @@ export const trainCommand: Command = {
   name: "train",
   summary: "train the student (LoRA + resampler) on a target cache (resumable)",
   async run(args) {
-    const options = parseTrainArgs(args);
-    if (!options) return console.log(TRAIN_HELP);
+    const parsed = parseTrainArgs(args);
+    if (!parsed) return console.log(TRAIN_HELP);
+    const { wandb: wandbRun, ...options } = parsed;
     try {
       resolveTrainConfig(options);
     } catch (error) {
       throw new UsageError(`train: ${withFlagNames((error as Error).message)}`);
     }
     const due = progressThrottle();
+    const wandb = wandbRun && await startWandbTracking(options.out, wandbRun, !!options.resume);
+    let exitCode = 1;
     try {
       await train(options, {
         onProgress(progress) {
           // The last step's line is always shown: the run ends on it.
           if (due(progress.step >= progress.totalSteps)) console.error(trainProgressLine(progress));
         },
+        onMetrics: wandb ? (record) => wandb.record(record) : undefined,
       });
+      exitCode = 0;
     } catch (error) {
       if (error instanceof Error) error.message = withFlagNames(error.message);
       throw explainPermission(error, TRAIN_TASK);
+    } finally {
+      await wandb?.finish(exitCode);
     }
   },
 };

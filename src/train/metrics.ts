@@ -8,18 +8,8 @@
  * diverged loss) are kept as the strings "NaN", "Infinity" and "-Infinity", since JSON has no
  * literal for them, and read back as numbers.
  *
- * W&B mirroring is not built in: there is no Deno client, and training must never fail or wait
- * on the network. To look at a run in W&B, import the log afterwards with Python (`pip install
- * wandb`; set WANDB_MODE=offline to log locally and `wandb sync` later):
- *
- * ```python
- * import json, wandb
- * rows = [json.loads(l) for l in open("RUN_DIR/metrics.jsonl") if l.endswith("\n")]
- * def flat(r, p=""): return {k2: v2 for k, v in r.items() if k != "type" for k2, v2 in (flat(v, f"{p}{k}/").items() if isinstance(v, dict) else [(p + k, float(v) if v in ("NaN", "Infinity", "-Infinity") else v)])}
- * run = wandb.init(project="distill", config=flat(rows[0]["config"]))
- * for r in rows[1:]: run.log({f"{r['type']}/{k}": v for k, v in flat(r).items() if k != "step"}, step=r["step"])
- * run.finish()
- * ```
+ * Live W&B tracking (src/train/wandb.ts) takes each record as it is written, through
+ * `MetricsLogOptions.onRecord`, and sends the same records afterwards (`deno task wandb-sync`).
  */
 import { join } from "node:path";
 import { writeAll, writeFileAtomic } from "../io/atomic.ts";
@@ -185,6 +175,8 @@ export interface MetricsLogOptions {
   resumeFromStep?: number;
   /** For a new run, replace an existing log instead of refusing to. */
   overwrite?: boolean;
+  /** Gets every record after its line is written (e.g. to mirror it to W&B); must not throw. */
+  onRecord?: (record: MetricsRecord) => void;
 }
 
 /** The append-only metrics log of one run. */
@@ -194,6 +186,7 @@ export class MetricsLog {
     private readonly file: Deno.FsFile,
     /** The last step record's step after opening (resume), or undefined if none. */
     readonly lastStep: number | undefined,
+    private readonly onRecord: ((record: MetricsRecord) => void) | undefined,
   ) {}
 
   /**
@@ -230,7 +223,7 @@ export class MetricsLog {
       await writeFileAtomic(path, kept.map(formatMetricsLine).join(""));
     }
     const file = await Deno.open(path, { append: true });
-    return new MetricsLog(path, file, lastStep);
+    return new MetricsLog(path, file, lastStep, options.onRecord);
   }
 
   /** Logs the start of a new run. */
@@ -256,6 +249,7 @@ export class MetricsLog {
     } catch (error) {
       throw ioErrorAt(error, this.path);
     }
+    this.onRecord?.(record);
   }
 
   close(): void {

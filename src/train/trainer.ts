@@ -70,7 +70,7 @@ import {
   type PromptSettings,
   saveAdapter,
 } from "./adapter.ts";
-import { type EvalRecord, MetricsLog } from "./metrics.ts";
+import { type EvalRecord, MetricsLog, type MetricsRecord } from "./metrics.ts";
 import {
   type AdamWState,
   DEFAULT_LR,
@@ -256,6 +256,8 @@ export interface TrainHooks {
   onProgress?: (progress: TrainProgress) => void;
   /** After every checkpoint is complete (and `latest.json` points at it). */
   onCheckpoint?: (step: number, dir: string) => void | Promise<void>;
+  /** Every metrics.jsonl record once written (e.g. W&B tracking); must not throw. */
+  onMetrics?: (record: MetricsRecord) => void;
 }
 
 /** Held-out evaluation: the training loss and cosine similarities to the teacher. */
@@ -1253,10 +1255,10 @@ async function runLoop(s: Session, plan: LoopPlan): Promise<TrainResult> {
     await removeIfPresent(join(root, checkpointName(st)));
   }
   for (const t of temps) await removeIfPresent(join(root, t));
-  const metrics = await MetricsLog.open(
-    config.out,
-    resumeState ? { resumeFromStep: startStep } : { overwrite: config.resume },
-  );
+  const metrics = await MetricsLog.open(config.out, {
+    ...(resumeState ? { resumeFromStep: startStep } : { overwrite: config.resume }),
+    onRecord: hooks.onMetrics,
+  });
   let metricsLines = resumeState?.metricsLines ?? 0;
   let result: TrainResult;
   try {
