@@ -96,6 +96,7 @@ export {
   runEncode,
   writeConditioning,
 } from "./src/cli/encode.ts";
+export { type RunningServer, type ServeOptions, startServer } from "./src/cli/serve.ts";
 
 // Cache: the SDXL teacher's targets for a caption data set.
 export { type CacheOptions, runCache, type TeacherSource } from "./src/cli/cache.ts";

@@ -3,9 +3,17 @@ import { cacheCommand } from "./cache.ts";
 import { demoCommand } from "./demo.ts";
 import { encodeCommand } from "./encode.ts";
 import { infoCommand } from "./info.ts";
+import { serveCommand } from "./serve.ts";
 import { trainCommand } from "./train.ts";
 
-const COMMANDS: Command[] = [infoCommand, cacheCommand, trainCommand, encodeCommand, demoCommand];
+const COMMANDS: Command[] = [
+  infoCommand,
+  cacheCommand,
+  trainCommand,
+  encodeCommand,
+  serveCommand,
+  demoCommand,
+];
 
 function usage(): string {
   const lines = COMMANDS.map((c) => `  ${c.name.padEnd(10)} ${c.summary}`);
