@@ -200,10 +200,15 @@ async function readBody(req: Request, max: number): Promise<string> {
   if (!req.body) return "";
   const chunks: Uint8Array[] = [];
   let size = 0;
-  for await (const chunk of req.body) {
-    size += chunk.byteLength;
-    if (size > max) throw tooLarge();
-    chunks.push(chunk);
+  try {
+    for await (const chunk of req.body) {
+      size += chunk.byteLength;
+      if (size > max) throw tooLarge();
+      chunks.push(chunk);
+    }
+  } catch (err) {
+    if (err instanceof RequestError) throw err;
+    throw new RequestError(400, `could not read the request body (${(err as Error).message})`);
   }
   const bytes = new Uint8Array(size);
   let offset = 0;
@@ -331,8 +336,16 @@ export async function startServer(
     return new Response(bytes, { headers: { "content-type": type } });
   }
 
+  // Deno's own graceful shutdown cuts off request bodies still arriving, so requests are
+  // counted here and the listener closes only once the last one is answered.
+  let inFlight = 0;
+  let stopping = false;
+  let idle = () => {};
+
   async function handle(req: Request): Promise<Response> {
     const { pathname } = new URL(req.url);
+    if (stopping) return jsonResponse(503, { error: "the server is shutting down" });
+    inFlight++;
     try {
       if (options.token && !authorized(req, options.token)) {
         throw new RequestError(401, "missing or wrong 'Authorization: Bearer <token>' header");
@@ -354,18 +367,23 @@ export async function startServer(
       }
       log(`serve: ${req.method} ${pathname} failed: ${(err as Error).message}`);
       return jsonResponse(500, { error: `encoding failed: ${(err as Error).message}` });
+    } finally {
+      if (--inFlight === 0) idle();
     }
   }
 
   const server = Deno.serve({ hostname: options.host, port: options.port, onListen() {} }, handle);
   const host = options.host.includes(":") ? `[${options.host}]` : options.host;
   const url = `http://${host}:${server.addr.port}`;
-  let stopping: Promise<void> | null = null;
-  const shutdown = () =>
-    stopping ??= server.shutdown().finally(() => {
-      destroyStudent(student);
-      gpu.destroy();
-    });
+  let stopped: Promise<void> | null = null;
+  const stop = async () => {
+    stopping = true;
+    if (inFlight > 0) await new Promise<void>((resolve) => idle = resolve);
+    await server.shutdown();
+    destroyStudent(student);
+    gpu.destroy();
+  };
+  const shutdown = () => stopped ??= stop();
   const finished = server.finished.then(() => shutdown());
   log(`serve: ${health.base_model} (adapter ${id}) on ${url}: POST /v1/encode, GET /health`);
   return { url, shutdown, finished };
