@@ -138,7 +138,7 @@ interface Pending {
  */
 class PromptQueue {
   #pending: Pending[] = [];
-  #draining: Promise<void> | null = null;
+  #draining = false;
 
   constructor(readonly gpu: Gpu, readonly student: Student, readonly maxBatch: number) {}
 
@@ -149,22 +149,17 @@ class PromptQueue {
         this.#pending.push({ prompt, resolve, reject })
       )
     );
-    this.#draining ??= this.#drain().finally(() => this.#draining = null);
+    if (!this.#draining) this.#drain();
     return Promise.all(rows);
   }
 
+  /** Runs until nothing waits; the flag drops in the same step that finds the queue empty. */
   async #drain(): Promise<void> {
-    while (this.#pending.length) {
-      const waiting = this.#pending.splice(0);
-      const { mode, maxTokens } = this.student.adapter.config.prompt;
-      const { lengths } = this.student.tokenizer.encodeBatch(waiting.map((p) => p.prompt), {
-        mode,
-        maxTokens,
-      });
-      const byLength = Map.groupBy(waiting, (_, i) => lengths[i]);
-      for (const group of byLength.values()) {
-        for (let start = 0; start < group.length; start += this.maxBatch) {
-          const pass = group.slice(start, start + this.maxBatch);
+    this.#draining = true;
+    try {
+      while (this.#pending.length) {
+        const waiting = this.#pending.splice(0);
+        for (const pass of this.#passes(waiting)) {
           try {
             const prompts = pass.map((p) => p.prompt);
             const c = await encodePrompts(this.gpu, this.student, prompts, this.maxBatch);
@@ -174,7 +169,31 @@ class PromptQueue {
           }
         }
       }
+    } finally {
+      this.#draining = false;
     }
+  }
+
+  /** GPU passes of up to maxBatch prompts of one token count; if tokenizing fails, all fail. */
+  #passes(waiting: Pending[]): Pending[][] {
+    const { mode, maxTokens } = this.student.adapter.config.prompt;
+    let lengths: number[];
+    try {
+      lengths = Array.from(
+        this.student.tokenizer.encodeBatch(waiting.map((p) => p.prompt), { mode, maxTokens })
+          .lengths,
+      );
+    } catch (err) {
+      for (const p of waiting) p.reject(err as Error);
+      return [];
+    }
+    const passes: Pending[][] = [];
+    for (const group of Map.groupBy(waiting, (_, i) => lengths[i]).values()) {
+      for (let start = 0; start < group.length; start += this.maxBatch) {
+        passes.push(group.slice(start, start + this.maxBatch));
+      }
+    }
+    return passes;
   }
 }
 

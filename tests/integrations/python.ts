@@ -26,7 +26,8 @@ export const torchPython: string | null =
 export async function runPython(script: string, env: Record<string, string>): Promise<string> {
   const { code, stdout, stderr } = await new Deno.Command(torchPython!, {
     args: [script],
-    env,
+    // No __pycache__ folders in the source tree.
+    env: { PYTHONDONTWRITEBYTECODE: "1", ...env },
     stdout: "piped",
     stderr: "piped",
   }).output();
