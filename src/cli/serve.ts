@@ -322,14 +322,18 @@ export async function startServer(
 ): Promise<RunningServer> {
   checkBind(options.host, options.token);
   const gpu = await Gpu.create();
-  let student: Student;
-  try {
-    student = await loadStudent(gpu, options.qwen, options.adapter);
-  } catch (err) {
+  const student = await loadStudent(gpu, options.qwen, options.adapter).catch((err) => {
     gpu.destroy();
     throw err;
-  }
-  const id = await adapterId(options.adapter);
+  });
+  const release = () => {
+    destroyStudent(student);
+    gpu.destroy();
+  };
+  const id = await adapterId(options.adapter).catch((err) => {
+    release();
+    throw err;
+  });
   const queue = new PromptQueue(gpu, student, options.maxBatch);
   const info = gpu.adapterInfo;
   const health = {
@@ -391,7 +395,16 @@ export async function startServer(
     }
   }
 
-  const server = Deno.serve({ hostname: options.host, port: options.port, onListen() {} }, handle);
+  let server: Deno.HttpServer<Deno.NetAddr>;
+  try {
+    server = Deno.serve({ hostname: options.host, port: options.port, onListen() {} }, handle);
+  } catch (err) {
+    release();
+    if (err instanceof Deno.errors.AddrInUse) {
+      throw new Error(`${options.host}:${options.port} is already in use; choose another --port`);
+    }
+    throw err;
+  }
   const host = options.host.includes(":") ? `[${options.host}]` : options.host;
   const url = `http://${host}:${server.addr.port}`;
   let stopped: Promise<void> | null = null;
@@ -399,8 +412,7 @@ export async function startServer(
     stopping = true;
     if (inFlight > 0) await new Promise<void>((resolve) => idle = resolve);
     await server.shutdown();
-    destroyStudent(student);
-    gpu.destroy();
+    release();
   };
   const shutdown = () => stopped ??= stop();
   const finished = server.finished.then(() => shutdown());

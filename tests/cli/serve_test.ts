@@ -127,7 +127,7 @@ Deno.test("serve: /health names the models, the adapter and the device", async (
   assert.equal(typeof health.device, "string");
 });
 
-Deno.test("serve: a token is required for a non-local bind and checked on every request", async () => {
+Deno.test("serve: a token is required for a non-local bind and checked on every request; a busy port is named", async () => {
   assert.throws(() => checkBind("0.0.0.0", undefined), /--host 0\.0\.0\.0 is reachable.*--token/);
   checkBind("0.0.0.0", "secret");
   checkBind("127.0.0.1", undefined);
@@ -139,6 +139,10 @@ Deno.test("serve: a token is required for a non-local bind and checked on every 
   await assert.rejects(
     serveCommand.run(["--qwen", "q", "--adapter", "a", "--max-batch", "0"]),
     /--max-batch must be a positive integer/,
+  );
+  await assert.rejects(
+    serveWith({ port: Number(new URL(server.url).port) }),
+    /127\.0\.0\.1:\d+ is already in use; choose another --port/,
   );
   const guarded = await serveWith({ token: "s3cret" });
   try {
