@@ -10,6 +10,7 @@
  *   {@linkcode Tensor};
  * - encode: {@linkcode loadStudent} + {@linkcode encodePrompts} turn prompts into SDXL
  *   conditioning with a trained adapter; {@linkcode runEncode} also writes the file;
+ * - serve: {@linkcode startServer} keeps a student loaded and answers `POST /v1/encode`;
  * - cache: {@linkcode runCache} / {@linkcode buildTargetCache} compute the SDXL teacher's
  *   targets for a caption data set, {@linkcode openTargetCache} reads them back;
  * - train: {@linkcode train} distils the student from a target cache into an adapter folder;
@@ -96,6 +97,7 @@ export {
   runEncode,
   writeConditioning,
 } from "./src/cli/encode.ts";
+export { type RunningServer, type ServeOptions, startServer } from "./src/cli/serve.ts";
 
 // Cache: the SDXL teacher's targets for a caption data set.
 export { type CacheOptions, runCache, type TeacherSource } from "./src/cli/cache.ts";

@@ -4,7 +4,7 @@ import { Gpu } from "../gpu/device.ts";
 import { writeFileAtomic } from "../io/atomic.ts";
 import { prepareOutputFile } from "../io/output_path.ts";
 import { f32ArrayToF16 } from "../io/dtype.ts";
-import { writeSafetensors } from "../io/safetensors.ts";
+import { safetensorsBytes } from "../io/safetensors.ts";
 import { decodeUtf8 } from "../data/collect.ts";
 import {
   type Conditioning,
@@ -152,13 +152,13 @@ function tensorsOf(e: EncodedFile) {
   ];
 }
 
-/** Writes the conditioning as safetensors (F16 or F32) or as JSON, atomically. */
-export async function writeConditioning(
-  path: string,
+/** The file's bytes: safetensors (F16 or F32 tensors) or JSON; `where` names it in errors. */
+export function conditioningBytes(
+  where: string,
   encoded: EncodedFile,
   format: "safetensors" | "json",
   dtype: "f16" | "f32",
-): Promise<void> {
+): Uint8Array<ArrayBuffer> {
   const tensors = tensorsOf(encoded);
   if (format === "json") {
     const json = {
@@ -168,11 +168,10 @@ export async function writeConditioning(
         tensors.map((t) => [t.name, { shape: t.shape, data: Array.from(t.data) }]),
       ),
     };
-    await writeFileAtomic(path, JSON.stringify(json));
-    return;
+    return new TextEncoder().encode(JSON.stringify(json));
   }
-  await writeSafetensors(
-    path,
+  return safetensorsBytes(
+    where,
     tensors.map((t) => ({
       name: t.name,
       shape: t.shape,
@@ -181,6 +180,43 @@ export async function writeConditioning(
     })),
     encoded.metadata,
   );
+}
+
+/** Writes the conditioning as safetensors (F16 or F32) or as JSON, atomically. */
+export async function writeConditioning(
+  path: string,
+  encoded: EncodedFile,
+  format: "safetensors" | "json",
+  dtype: "f16" | "f32",
+): Promise<void> {
+  await writeFileAtomic(path, conditioningBytes(path, encoded, format, dtype));
+}
+
+/**
+ * The conditioning with the metadata an output file carries: adapter id, prompt settings,
+ * the prompts with their token counts and truncation, and how the negative tensors were made.
+ */
+export function encodedFile(
+  student: Student,
+  id: string,
+  prompts: readonly string[],
+  negativePrompt: string | undefined,
+  positive: Conditioning,
+  negative: Conditioning | null,
+): EncodedFile {
+  const metadata: Record<string, string> = {
+    format: "distill-conditioning",
+    adapter_id: id,
+    base_model: student.adapter.config.baseModel.name,
+    prompt_mode: student.adapter.config.prompt.mode,
+    max_tokens: String(student.adapter.config.prompt.maxTokens),
+    prompts: JSON.stringify(prompts),
+    token_counts: JSON.stringify(positive.tokenCounts),
+    truncated: JSON.stringify(positive.truncated),
+    negative_prompt: negativePrompt === undefined ? "" : negativePrompt,
+    negative: negativePrompt === undefined ? "zeros" : "encoded",
+  };
+  return { positive, negative, metadata };
 }
 
 /** Encodes `options.prompts` (and the negative prompt) and writes the output file. */
@@ -206,19 +242,8 @@ export async function runEncode(
     if (negative?.truncated[0]) {
       log(`encode: warning: the negative prompt was cut to ${limit} tokens`);
     }
-    const metadata: Record<string, string> = {
-      format: "distill-conditioning",
-      adapter_id: await adapterId(options.adapter),
-      base_model: student.adapter.config.baseModel.name,
-      prompt_mode: student.adapter.config.prompt.mode,
-      max_tokens: String(limit),
-      prompts: JSON.stringify(options.prompts),
-      token_counts: JSON.stringify(positive.tokenCounts),
-      truncated: JSON.stringify(positive.truncated),
-      negative_prompt: options.negative === undefined ? "" : options.negative,
-      negative: options.negative === undefined ? "zeros" : "encoded",
-    };
-    const encoded = { positive, negative, metadata };
+    const id = await adapterId(options.adapter);
+    const encoded = encodedFile(student, id, options.prompts, options.negative, positive, negative);
     await writeConditioning(options.out, encoded, options.format, options.dtype);
     log(`encode: wrote ${options.prompts.length} prompt(s) to ${options.out}`);
     return encoded;
@@ -228,11 +253,17 @@ export async function runEncode(
   }
 }
 
-function positiveInteger(name: string, value: string | undefined, fallback: number): number {
+/** A flag's positive integer value, or `fallback` when the flag is absent. */
+export function positiveInteger(
+  command: string,
+  name: string,
+  value: string | undefined,
+  fallback: number,
+): number {
   if (value === undefined) return fallback;
   const n = Number(value);
   if (!Number.isInteger(n) || n < 1) {
-    throw new UsageError(`encode: ${name} must be a positive integer`);
+    throw new UsageError(`${command}: ${name} must be a positive integer`);
   }
   return n;
 }
@@ -280,7 +311,7 @@ export const encodeCommand: Command = {
       out,
       format,
       dtype,
-      batchSize: positiveInteger("--batch-size", values["batch-size"], 8),
+      batchSize: positiveInteger("encode", "--batch-size", values["batch-size"], 8),
       force: values.force ?? false,
     });
   },

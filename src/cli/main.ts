@@ -4,6 +4,7 @@ import { benchLearnCommand } from "./bench_learn.ts";
 import { demoCommand } from "./demo.ts";
 import { encodeCommand } from "./encode.ts";
 import { infoCommand } from "./info.ts";
+import { serveCommand } from "./serve.ts";
 import { trainCommand } from "./train.ts";
 import { wandbSyncCommand } from "./wandb_sync.ts";
 
@@ -12,6 +13,7 @@ const COMMANDS: Command[] = [
   cacheCommand,
   trainCommand,
   encodeCommand,
+  serveCommand,
   demoCommand,
   benchLearnCommand,
   wandbSyncCommand,

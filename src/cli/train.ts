@@ -267,7 +267,6 @@ export function withFlagNames(message: string): string {
 export function parseTrainArgs(
   args: string[],
 ): (TrainOptions & { wandb?: WandbRunOptions }) | undefined {
-
   const { values: v } = parseCommandArgs("train", args, TRAIN_OPTIONS);
   if (v.help) return undefined;
   for (const flag of ["cache", "qwen", "out"] as const) {

@@ -407,7 +407,7 @@ function encodeHeader(
   path: string,
   tensors: readonly TensorToWrite[],
   metadata: Record<string, string> | undefined,
-): Uint8Array {
+): Uint8Array<ArrayBuffer> {
   const header: Record<string, unknown> = {};
   if (metadata) header.__metadata__ = checkMetadata(path, metadata);
   let offset = 0;
@@ -442,6 +442,27 @@ function encodeHeader(
   const bytes = new Uint8Array(8 + paddedLength).fill(0x20, 8 + json.byteLength);
   new DataView(bytes.buffer).setBigUint64(0, BigInt(paddedLength), true);
   bytes.set(json, 8);
+  return bytes;
+}
+
+/**
+ * A whole safetensors file in memory: for small outputs sent elsewhere than a file (a server's
+ * response). `where` names the destination in errors.
+ */
+export function safetensorsBytes(
+  where: string,
+  tensors: readonly TensorToWrite[],
+  metadata?: Record<string, string>,
+): Uint8Array<ArrayBuffer> {
+  const header = encodeHeader(where, tensors, metadata);
+  const parts = tensors.map(({ data, dtype }) => encodeLittleEndian(data, dtype));
+  const bytes = new Uint8Array(parts.reduce((n, p) => n + p.byteLength, header.byteLength));
+  bytes.set(header);
+  let offset = header.byteLength;
+  for (const part of parts) {
+    bytes.set(part, offset);
+    offset += part.byteLength;
+  }
   return bytes;
 }
 
