@@ -50,10 +50,30 @@ Deno.test("train CLI: flags become options; defaults are the trainer's", () => {
     targetModules: ["q_proj", "v_proj"],
   });
   assert.deepEqual(config.prompt, { mode: "raw", maxTokens: 256 });
-  assert.deepEqual(config.resampler, { dim: 2048, depth: 4, heads: 16, dimHead: 128, ffMult: 4 });
+  assert.deepEqual(config.resampler, {
+    dim: 2048,
+    depth: 4,
+    heads: 16,
+    dimHead: 128,
+    ffMult: 4,
+    numPositions: 0,
+    seqBias: true,
+  });
   assert.equal(config.gradientCheckpointing, false);
   assert.equal(config.resume, true);
-  assert.equal(resolveTrainConfig(parseTrainArgs(REQUIRED)!).gradientCheckpointing, "auto");
+  const defaults = resolveTrainConfig(parseTrainArgs(REQUIRED)!);
+  assert.equal(defaults.gradientCheckpointing, "auto");
+  assert.deepEqual(defaults.heldOutFiles, []);
+  // The mean start is the default; the seed's resampler and learned positions are flags.
+  const seed = resolveTrainConfig(
+    parseTrainArgs([...REQUIRED, "--no-mean-start", "--resampler-positions", "300"])!,
+  );
+  assert.equal(seed.resampler.seqBias, false);
+  assert.equal(seed.resampler.numPositions, 300);
+  assert.deepEqual(
+    parseTrainArgs([...REQUIRED, "--held-out-files", "color_val, partiprompts"])!.heldOutFiles,
+    ["color_val", "partiprompts"],
+  );
 });
 
 Deno.test("train CLI: bad command lines are usage errors naming the flag", () => {
@@ -82,6 +102,10 @@ Deno.test("train CLI: option errors name the flag; the library keeps the option 
     [["--batch-size", "4", "--micro-batch", "9"], "--micro-batch 9 is larger than --batch-size 4"],
     [["--lr-lora=-1"], "--lr-lora must be a number >= 0 (got -1)"],
     [["--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1] (got 2)"],
+    [
+      ["--resampler-positions", "64", "--max-tokens", "96"],
+      "--resampler-positions 64 is below --max-tokens 96",
+    ],
   ];
   for (const [args, message] of bad) {
     await rejectsWith(() => trainCommand.run([...REQUIRED, ...args]), message);
