@@ -33,3 +33,18 @@ export function parseCommandArgs<T extends OptionSpec>(
     throw new UsageError(`${command}: ${(err as Error).message}`);
   }
 }
+
+/** A flag's positive integer value, or `fallback` when the flag is absent. */
+export function positiveInteger(
+  command: string,
+  name: string,
+  value: string | undefined,
+  fallback: number,
+): number {
+  if (value === undefined) return fallback;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1) {
+    throw new UsageError(`${command}: ${name} must be a positive integer`);
+  }
+  return n;
+}

@@ -17,7 +17,7 @@ import { readQwenPackageFiles } from "../text/qwen_tokenizer.ts";
 import { describeHeldOut, type HeldOutFigures } from "../train/evaluation.ts";
 import { readMetrics } from "../train/metrics.ts";
 import { train, type TrainOptions } from "../train/trainer.ts";
-import { type Command, parseCommandArgs, UsageError } from "./args.ts";
+import { type Command, parseCommandArgs, positiveInteger, UsageError } from "./args.ts";
 import { runCache } from "./cache.ts";
 import { prepareOut } from "./demo.ts";
 
@@ -238,13 +238,9 @@ export const benchLearnCommand: Command = {
       variants: { type: "string" },
     });
     if (values.help) return console.log(HELP);
-    const steps = values.steps === undefined ? 400 : Number(values.steps);
-    if (!Number.isInteger(steps) || steps < 1) {
-      throw new UsageError(`bench:learn: --steps must be a positive integer`);
-    }
     await runBenchLearn({
       out: values.out ?? "bench-out/learn",
-      steps,
+      steps: positiveInteger("bench:learn", "--steps", values.steps, 400),
       variants: values.variants?.split(",").map((v) => v.trim()) ?? Object.keys(VARIANTS),
     });
   },

@@ -13,7 +13,7 @@ import { loadSdxlTeacher } from "../models/sdxl_teacher.ts";
 import { readQwenPackageFiles } from "../text/qwen_tokenizer.ts";
 import { describeHeldOut } from "../train/evaluation.ts";
 import { type EvalResult, train } from "../train/trainer.ts";
-import { type Command, parseCommandArgs, UsageError } from "./args.ts";
+import { type Command, parseCommandArgs, positiveInteger, UsageError } from "./args.ts";
 import { runCache } from "./cache.ts";
 import { runEncode } from "./encode.ts";
 
@@ -226,17 +226,12 @@ export const demoCommand: Command = {
       limit: { type: "string" },
     });
     if (values.help) return console.log(HELP);
-    const count = (name: string, value: string | undefined) => {
-      const n = Number(value);
-      if (!Number.isInteger(n) || n < 1) {
-        throw new UsageError(`demo: ${name} must be a positive integer`);
-      }
-      return n;
-    };
     await runDemo({
       out: values.out ?? "demo-out",
-      steps: values.steps === undefined ? DEFAULT_STEPS : count("--steps", values.steps),
-      limit: values.limit === undefined ? undefined : count("--limit", values.limit),
+      steps: positiveInteger("demo", "--steps", values.steps, DEFAULT_STEPS),
+      limit: values.limit === undefined
+        ? undefined
+        : positiveInteger("demo", "--limit", values.limit, 0),
     });
   },
 };

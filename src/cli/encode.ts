@@ -15,7 +15,7 @@ import {
 } from "../models/student.ts";
 import { RESAMPLER_WEIGHTS_FILE } from "../models/resampler.ts";
 import { DISTILL_CONFIG_FILE } from "../train/adapter.ts";
-import { type Command, parseCommandArgs, UsageError } from "./args.ts";
+import { type Command, parseCommandArgs, positiveInteger, UsageError } from "./args.ts";
 
 const HELP = `distill encode: turn prompts into SDXL conditioning with a trained student.
 
@@ -251,21 +251,6 @@ export async function runEncode(
     if (student) destroyStudent(student);
     gpu.destroy();
   }
-}
-
-/** A flag's positive integer value, or `fallback` when the flag is absent. */
-export function positiveInteger(
-  command: string,
-  name: string,
-  value: string | undefined,
-  fallback: number,
-): number {
-  if (value === undefined) return fallback;
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 1) {
-    throw new UsageError(`${command}: ${name} must be a positive integer`);
-  }
-  return n;
 }
 
 export const encodeCommand: Command = {

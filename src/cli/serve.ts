@@ -8,8 +8,8 @@ import {
   loadStudent,
   type Student,
 } from "../models/student.ts";
-import { type Command, parseCommandArgs, UsageError } from "./args.ts";
-import { adapterId, conditioningBytes, encodedFile, positiveInteger } from "./encode.ts";
+import { type Command, parseCommandArgs, positiveInteger, UsageError } from "./args.ts";
+import { adapterId, conditioningBytes, encodedFile } from "./encode.ts";
 
 const DEFAULT_PORT = 8411;
 
