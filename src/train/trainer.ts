@@ -12,8 +12,8 @@
  *   checkpoints/latest.json          {"step": N, "dir": "step-000000N"}: the newest checkpoint
  *   checkpoints/step-000000N/        adapter files + optimizer.safetensors + trainer_state.json
  *
- * Determinism: nothing random is carried from step to step. The order of epoch `e` is a
- * permutation drawn from `mixSeed(seed, e)`, the LoRA dropout of micro-batch `i` of step `s`
+ * Determinism: nothing random is carried from step to step. The batches of epoch `e` (rows
+ * bucketed by token length, src/train/batching.ts) are drawn from `mixSeed(seed, e)`, the LoRA dropout of micro-batch `i` of step `s`
  * from `mixSeed(seed, s, i)`, and the GPU math has no atomics, so a run resumed from a
  * checkpoint takes exactly the steps an uninterrupted run takes: the final parameters are
  * bitwise identical.
@@ -77,6 +77,7 @@ import {
   warmupSteps,
 } from "./optim.ts";
 import { writeReport } from "./report.ts";
+import { EPOCH_ORDER_DESCRIPTION, paddingFraction, StepOrder } from "./batching.ts";
 import { Rng } from "./rng.ts";
 import { DistillStep, type MicroBatch, studentForward, type StudentModel } from "./step.ts";
 
@@ -499,34 +500,6 @@ export function stepCounts(
   };
 }
 
-/** The rows of optimizer step `step`: a slice of its epoch's seeded permutation. */
-export class StepOrder {
-  readonly #train: readonly number[];
-  readonly #seed: number;
-  readonly #stepBatch: number;
-  readonly stepsPerEpoch: number;
-  #epoch = -1;
-  #permutation: number[] = [];
-
-  constructor(train: readonly number[], seed: number, stepBatch: number, stepsPerEpoch: number) {
-    this.#train = train;
-    this.#seed = seed;
-    this.#stepBatch = stepBatch;
-    this.stepsPerEpoch = stepsPerEpoch;
-  }
-
-  rows(step: number): number[] {
-    const epoch = Math.floor(step / this.stepsPerEpoch);
-    if (epoch !== this.#epoch) {
-      this.#epoch = epoch;
-      this.#permutation = new Rng(mixSeed(this.#seed, STREAM.epochOrder, epoch))
-        .permutation(this.#train.length);
-    }
-    const start = (step % this.stepsPerEpoch) * this.#stepBatch;
-    return this.#permutation.slice(start, start + this.#stepBatch).map((i) => this.#train[i]);
-  }
-}
-
 /** Cosine similarity as torch.nn.functional.cosine_similarity (each norm clamped to eps). */
 function cosine(a: Float32Array, b: Float32Array, offset: number, length: number): number {
   let dot = 0;
@@ -872,7 +845,7 @@ async function saveCheckpoint(s: Session, c: CheckpointContents): Promise<string
     samples: c.step * s.config.stepBatch,
     rng: {
       seed: s.config.seed,
-      epochOrder: "Rng(mixSeed(seed, 1, epoch)).permutation(trainRows)",
+      epochOrder: EPOCH_ORDER_DESCRIPTION,
       dropout: "mixSeed(seed, 2, step, microBatch)",
     },
     config: trajectoryOf(s.config),
@@ -948,6 +921,9 @@ async function readResumeState(
     );
   }
   const changed = [
+    ...(state.rng.epochOrder === EPOCH_ORDER_DESCRIPTION
+      ? []
+      : [`epoch order: ${state.rng.epochOrder} (this version: ${EPOCH_ORDER_DESCRIPTION})`]),
     ...differences(state.config, trajectoryOf(config)),
     ...differences(state.baseModel, baseModel).map((d) => `base model ${d}`),
   ];
@@ -1151,7 +1127,15 @@ async function runLoop(s: Session, plan: LoopPlan): Promise<TrainResult> {
     }
     if (startStep === totalSteps && canEval) evalAfter = await evaluate(s, plan.evalRows);
 
-    const order = new StepOrder(plan.split.train, config.seed, config.stepBatch, stepsPerEpoch);
+    const order = new StepOrder({
+      train: plan.split.train,
+      lengths: plan.split.train.map((row) =>
+        Math.max(1, s.tokenizer.encode(s.cache.captions[row], config.prompt).ids.length)
+      ),
+      stepBatch: config.stepBatch,
+      stepsPerEpoch,
+      epochSeed: (epoch) => mixSeed(config.seed, STREAM.epochOrder, epoch),
+    });
     const elapsedBefore = resumeState?.elapsedSeconds ?? 0;
     const sessionStart = performance.now();
     const sessionSeconds = () => (performance.now() - sessionStart) / 1000;
@@ -1191,6 +1175,7 @@ async function runLoop(s: Session, plan: LoopPlan): Promise<TrainResult> {
           lr,
           grad_norm: measured.gradNorm,
           clip_coef: clipCoef,
+          padding: paddingFraction(micros.map((micro) => micro.tokens)),
           samples_per_s: samplesPerSecond,
           elapsed_s: elapsedBefore + seconds,
         });
