@@ -1,7 +1,8 @@
 // Matmuls through an NF4 weight W [N, K] (SPEC 3.1): y = x W^T and the input gradient
 // dx = dy W. W is stored as 4-bit code indices, two per byte with the first element of each
 // pair in the high nibble, and one f32 absmax per block of `block` consecutive elements of the
-// flattened weight. Weights are dequantised in registers; no dequantised copy of W exists.
+// flattened weight. The fused entries dequantise weights in registers; for many activation
+// rows `dequantize` writes W out in f32 once per call for the plain matmul to use.
 //
 // The tiled entries read the activation operand (x or dy) from a uniform buffer that `stage`
 // has cut into 64 KiB tiles of TM rows x PITCH columns. On lavapipe every load inside a loop
@@ -43,7 +44,7 @@ override BLOCK: u32 = 64u;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 @group(0) @binding(6) var<storage, read> act: array<f32>;
-@group(0) @binding(7) var<storage, read_write> staged: array<f32>;
+@group(0) @binding(7) var<storage, read_write> staged: array<f32>; // also dequantize's output
 
 fn code(i: u32) -> f32 {
   return p.code[i >> 2u][i & 3u];
@@ -285,4 +286,15 @@ fn input_grad_general(@builtin(global_invocation_id) gid: vec3u, @builtin(num_wo
     acc = fma(act[m * p.n + n], weight_at(n * p.k + c), acc);
   }
   out[o] = output_base(o, 0u) + acc;
+}
+
+// W dequantised into `staged` as f32 [N, K] row-major, the eight elements of one packed word
+// per invocation.
+@compute @workgroup_size(256)
+fn dequantize(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let first = flat_index(gid, nwg, 256u) * 8u;
+  let total = p.n * p.k;
+  for (var e = first; e < min(first + 8u, total); e++) {
+    staged[e] = weight_at(e);
+  }
 }

@@ -3,6 +3,7 @@
  * results as JSON. Benches are listed in src/bench/benches.ts.
  */
 import { BENCHES } from "../src/bench/benches.ts";
+import { readTorchStudentTimes } from "../src/bench/student.ts";
 import { timeBlockedMatmul } from "../src/bench/cpu_matmul.ts";
 import type { BenchResult } from "../src/bench/harness.ts";
 import { parseCommandArgs, UsageError } from "../src/cli/args.ts";
@@ -14,13 +15,20 @@ const BASELINE_SIZES = [256, 512];
 
 const HELP = `deno task bench: time the GPU ops on this machine's WebGPU adapter.
 
-Usage: deno task bench [--json FILE] [--only NAME[,NAME...]]
+Usage: deno task bench [--json FILE] [--only NAME[,NAME...]] [--torch FILE]
 
 Options:
   --json FILE  also write the results as JSON to FILE (inside the project, e.g.
                bench-out/bench.json; the task may only write under the current folder)
   --only LIST  run only the named benches (${BENCHES.map((b) => b.name).join(", ")})
+  --torch FILE the JSON that PyTorch's torch_student.py printed, measured on this machine
+               just before: each student row then shows vsTorch (distill's seconds over
+               PyTorch's; the NF4 forward is set against PyTorch's f32 forward)
   -h, --help   show this help
+
+The student bench (--only student runs it alone) writes a random bench-config Qwen3 to
+bench-out/student-bench-qwen3/ once and times the forward with NF4 and with f32 weights and
+one training step (NF4 + LoRA r16 q/k/v/o + resampler, batch 1, 256 tokens).
 
 Every result is the median wall time (ms) of one call after a warm-up, GPU work included,
 with the process CPU time (cpuMs, all threads) that tells how much of the machine a CPU
@@ -34,6 +42,7 @@ async function main(args: string[]): Promise<number> {
   const { values } = parseCommandArgs("bench", args, {
     json: { type: "string" },
     only: { type: "string" },
+    torch: { type: "string" },
   });
   if (values.help) {
     console.log(HELP);
@@ -46,6 +55,11 @@ async function main(args: string[]): Promise<number> {
     throw new UsageError(`bench: unknown bench ${unknown.join(", ")} (known: ${[...known]})`);
   }
   const selected = BENCHES.filter((b) => !only || only.includes(b.name));
+  const torch = values.torch
+    ? await readTorchStudentTimes(values.torch).catch((error: Error) => {
+      throw new UsageError(`bench: ${error.message}`);
+    })
+    : undefined;
 
   const gpu = await Gpu.create();
   const adapter = adapterReport(gpu);
@@ -59,7 +73,7 @@ async function main(args: string[]): Promise<number> {
   }
   const results: BenchResult[] = [];
   for (const bench of selected) {
-    for (const result of await bench.run({ gpu, baselineGflops })) {
+    for (const result of await bench.run({ gpu, baselineGflops, torch })) {
       console.log(describe(result));
       results.push(result);
     }
@@ -74,6 +88,7 @@ async function main(args: string[]): Promise<number> {
         results: baselineResults,
         gflops: baselineGflops,
       },
+      ...(torch ? { torch } : {}),
       results,
     };
     await writeFileAtomic(values.json, JSON.stringify(report, null, 2) + "\n");

@@ -2,5 +2,6 @@
 import type { Bench } from "./harness.ts";
 import { matmulBench } from "./matmul.ts";
 import { nf4MatmulBench } from "./nf4_matmul.ts";
+import { studentBench } from "./student.ts";
 
-export const BENCHES: readonly Bench[] = [matmulBench, nf4MatmulBench];
+export const BENCHES: readonly Bench[] = [matmulBench, nf4MatmulBench, studentBench];

@@ -4,6 +4,7 @@
  */
 import process from "node:process";
 import type { Gpu } from "../gpu/device.ts";
+import type { TorchStudentTimes } from "./student.ts";
 
 /** One row of the report; benches add whatever fields describe the case (m, n, k, dtype...). */
 export interface BenchResult {
@@ -20,6 +21,8 @@ export interface BenchContext {
   gpu: Gpu;
   /** GFLOP/s of the plain-TypeScript matmul on this machine, to express results as ratios. */
   baselineGflops: number;
+  /** PyTorch's times for the student bench (`--torch`), to print each row's ratio. */
+  torch?: TorchStudentTimes;
 }
 
 export interface Bench {

@@ -1,15 +1,20 @@
 /**
  * Linear layers through a frozen NF4 weight (SPEC 3.1): `nf4Matmul` computes y = x W^T (+ bias)
  * and `nf4MatmulInputGrad` the gradient dx = dy W that training sends back through the frozen
- * weight. W stays packed on the GPU and is dequantised inside the kernels.
+ * weight. W stays packed on the GPU.
  *
- * When K is a multiple of the block (every Qwen3 projection), the activation operand is first
+ * With at least DEQUANTIZE_MIN_ROWS activation rows (training and batch encoding), W is
+ * dequantised to f32 into a pooled scratch tensor once per call and the plain matmul does
+ * the product: decoding is then a small share of the work, and the f32 matmul's tiles are
+ * faster than any kernel that decodes as it multiplies. With fewer rows decoding costs as much
+ * as the product, so it happens in registers: when K is a multiple of the block (every Qwen3 projection), the activation operand is first
  * copied into 64 KiB uniform-buffer tiles (kernels/nf4_matmul.wgsl explains why) and each tile
  * of rows is multiplied chunk by chunk along the reduction; other shapes take a plain kernel.
  */
 import code from "../../kernels/nf4_matmul.wgsl" with { type: "text" };
 import { f32, type Gpu, grid1d } from "../gpu/device.ts";
 import { numel, type Tensor } from "../gpu/tensor.ts";
+import { matmul } from "./matmul.ts";
 import { NF4_BLOCK_SIZE, NF4_CODE, type Nf4Quantized } from "../models/nf4.ts";
 import { requireDType, requireOut, requirePositiveInteger, requireSize } from "./checks.ts";
 
@@ -57,6 +62,10 @@ const MAX_TILE_ROWS = 32;
 const TILED_WORKGROUP = 64;
 const GENERAL_WORKGROUP = 64;
 const STAGE_WORKGROUP = 256;
+/** Must match dequantize's workgroup size in the WGSL; each invocation decodes 8 elements. */
+const DEQUANTIZE_WORKGROUP = 256;
+/** Activation rows from which W is dequantised once and multiplied by the f32 matmul. */
+export const DEQUANTIZE_MIN_ROWS = 64;
 /** Invocations of the tiled kernels each cover 8 outputs along N (forward) or K (input grad). */
 const COLUMNS_PER_INVOCATION = 8;
 
@@ -219,6 +228,19 @@ function tiledProduct(
   }
 }
 
+/** W as an f32 [outFeatures, inFeatures] tensor from the pool; the caller destroys it. */
+function dequantized(gpu: Gpu, w: Nf4Weight, block: number): Tensor {
+  const { outFeatures: n, inFeatures: k } = w;
+  const out = gpu.empty([n, k], "f32", `${w.packed.name}.dequantized`);
+  gpu.dispatch({
+    kernel: { name: KERNEL, code, entry: "dequantize", constants: { BLOCK: block } },
+    params: [...CODE_PARAMS, 0, n, k, 0, 0, 0, 0, 0],
+    bindings: [null, w.packed, w.absmax, null, null, null, out],
+    workgroups: grid1d(gpu, Math.ceil((n * k) / 8), DEQUANTIZE_WORKGROUP),
+  });
+  return out;
+}
+
 /** Records the one-output-per-invocation kernel `entry`, for shapes the tiled ones cannot take. */
 function generalProduct(
   gpu: Gpu,
@@ -260,6 +282,12 @@ export function nf4Matmul(
   }
   const y = opts.out ?? gpu.empty(shape, "f32", `nf4Matmul(${x.name})`);
   if (m === 0) return y;
+  if (m >= DEQUANTIZE_MIN_ROWS) {
+    const wf = dequantized(gpu, w, block);
+    matmul(gpu, x.reshape([m, k]), wf, { bias: opts.bias, out: y });
+    wf.destroy();
+    return y;
+  }
   const flags = opts.bias ? ADD_BIAS : 0;
   // Without a bias the binding still needs a buffer; the flag keeps it unread.
   const bias = opts.bias ?? w.absmax;
@@ -290,6 +318,16 @@ export function nf4MatmulInputGrad(
   }
   const dx = opts.out ?? gpu.empty(shape, "f32", `nf4MatmulInputGrad(${dy.name})`);
   if (m === 0) return dx;
+  if (m >= DEQUANTIZE_MIN_ROWS) {
+    const wf = dequantized(gpu, w, block);
+    matmul(gpu, dy.reshape([m, n]), wf, {
+      transposeW: false,
+      out: dx,
+      accumulate: opts.accumulate,
+    });
+    wf.destroy();
+    return dx;
+  }
   const flags = opts.accumulate ? ACCUMULATE : 0;
   // The bias binding is unused here (no ADD_BIAS flag) but still needs a buffer.
   if (k % 8 === 0 && block % 8 === 0) {

@@ -46,6 +46,11 @@ export interface StepRecord {
   grad_norm: GroupValues & { total: number };
   /** The factor the gradients were scaled by: 1 when not clipped. */
   clip_coef: number;
+  /**
+   * Share of the step's token positions that were padding (its micro-batches together);
+   * absent in files written before batches were bucketed by length.
+   */
+  padding?: number;
   samples_per_s: number;
   /** Training wall time so far, in seconds. */
   elapsed_s: number;

@@ -429,6 +429,17 @@ function summaryRows(steps: StepRecord[], evals: EvalRecord[]): Array<[string, s
   const rows: Array<[string, string]> = [];
   const last = steps.at(-1);
   if (!last) return [["Steps", "none logged yet"]];
+  const padding = (records: readonly StepRecord[]): Array<[string, string]> => {
+    const shares = records.flatMap((r) => r.padding === undefined ? [] : [r.padding]);
+    if (shares.length === 0) return [];
+    const mean = shares.reduce((a, b) => a + b, 0) / shares.length;
+    return [[
+      "Padding",
+      `${(mean * 100).toFixed(1)}% of token positions (mean over steps), ${
+        (Math.max(...shares) * 100).toFixed(1)
+      }% at most`,
+    ]];
+  };
   const first = steps[0];
   const finiteMean = (values: number[]) => {
     const finite = values.filter(Number.isFinite);
@@ -445,6 +456,7 @@ function summaryRows(steps: StepRecord[], evals: EvalRecord[]): Array<[string, s
         formatNumber(last.samples_per_s)
       } last`,
     ],
+    ...padding(steps),
     [
       "Train loss",
       `${formatNumber(first.loss)} at step ${first.step} → ${

@@ -13,8 +13,8 @@
  *   checkpoints/step-000000N/        adapter files + optimizer.safetensors + trainer_state.json
  *   verified-shards.json             cache shards whose SHA-256 was checked (src/data/cache_verify.ts)
  *
- * Determinism: nothing random is carried from step to step. The order of epoch `e` is a
- * permutation drawn from `mixSeed(seed, e)`, the LoRA dropout of micro-batch `i` of step `s`
+ * Determinism: nothing random is carried from step to step. The batches of epoch `e` (rows
+ * bucketed by token length, src/train/batching.ts) are drawn from `mixSeed(seed, e)`, the LoRA dropout of micro-batch `i` of step `s`
  * from `mixSeed(seed, s, i)`, and the GPU math has no atomics, so a run resumed from a
  * checkpoint takes exactly the steps an uninterrupted run takes: the final parameters are
  * bitwise identical.
@@ -81,6 +81,7 @@ import {
   warmupSteps,
 } from "./optim.ts";
 import { writeReport } from "./report.ts";
+import { EPOCH_ORDER_DESCRIPTION, paddingFraction, StepOrder } from "./batching.ts";
 import { Rng } from "./rng.ts";
 import {
   captionFileStem,
@@ -579,34 +580,6 @@ export function stepCounts(
   };
 }
 
-/** The rows of optimizer step `step`: a slice of its epoch's seeded permutation. */
-export class StepOrder {
-  readonly #train: readonly number[];
-  readonly #seed: number;
-  readonly #stepBatch: number;
-  readonly stepsPerEpoch: number;
-  #epoch = -1;
-  #permutation: number[] = [];
-
-  constructor(train: readonly number[], seed: number, stepBatch: number, stepsPerEpoch: number) {
-    this.#train = train;
-    this.#seed = seed;
-    this.#stepBatch = stepBatch;
-    this.stepsPerEpoch = stepsPerEpoch;
-  }
-
-  rows(step: number): number[] {
-    const epoch = Math.floor(step / this.stepsPerEpoch);
-    if (epoch !== this.#epoch) {
-      this.#epoch = epoch;
-      this.#permutation = new Rng(mixSeed(this.#seed, STREAM.epochOrder, epoch))
-        .permutation(this.#train.length);
-    }
-    const start = (step % this.stepsPerEpoch) * this.#stepBatch;
-    return this.#permutation.slice(start, start + this.#stepBatch).map((i) => this.#train[i]);
-  }
-}
-
 /** Cosine similarity as torch.nn.functional.cosine_similarity (each norm clamped to eps). */
 function cosine(a: Float32Array, b: Float32Array, offset: number, length: number): number {
   let dot = 0;
@@ -962,7 +935,7 @@ async function saveCheckpoint(s: Session, c: CheckpointContents): Promise<string
     samples: c.step * s.config.stepBatch,
     rng: {
       seed: s.config.seed,
-      epochOrder: "Rng(mixSeed(seed, 1, epoch)).permutation(trainRows)",
+      epochOrder: EPOCH_ORDER_DESCRIPTION,
       dropout: "mixSeed(seed, 2, step, microBatch)",
     },
     config: trajectoryOf(s.config),
@@ -1071,6 +1044,9 @@ async function readResumeState(
     );
   }
   const changed = [
+    ...(state.rng.epochOrder === EPOCH_ORDER_DESCRIPTION
+      ? []
+      : [`epoch order: ${state.rng.epochOrder} (this version: ${EPOCH_ORDER_DESCRIPTION})`]),
     ...differences(state.config, trajectoryOf(config)),
     ...differences(state.baseModel, baseModel).map((d) => `base model ${d}`),
   ];
@@ -1303,7 +1279,15 @@ async function runLoop(s: Session, plan: LoopPlan): Promise<TrainResult> {
       evalAfter = await evaluate(s, plan.evalRows, evaluator);
     }
 
-    const order = new StepOrder(plan.split.train, config.seed, config.stepBatch, stepsPerEpoch);
+    const order = new StepOrder({
+      train: plan.split.train,
+      lengths: plan.split.train.map((row) =>
+        Math.max(1, s.tokenizer.encode(s.cache.captions[row], config.prompt).ids.length)
+      ),
+      stepBatch: config.stepBatch,
+      stepsPerEpoch,
+      epochSeed: (epoch) => mixSeed(config.seed, STREAM.epochOrder, epoch),
+    });
     const elapsedBefore = resumeState?.elapsedSeconds ?? 0;
     const sessionStart = performance.now();
     const sessionSeconds = () => (performance.now() - sessionStart) / 1000;
@@ -1343,6 +1327,7 @@ async function runLoop(s: Session, plan: LoopPlan): Promise<TrainResult> {
           lr,
           grad_norm: measured.gradNorm,
           clip_coef: clipCoef,
+          padding: paddingFraction(micros.map((micro) => micro.tokens)),
           samples_per_s: samplesPerSecond,
           elapsed_s: elapsedBefore + seconds,
         });

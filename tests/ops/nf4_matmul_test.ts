@@ -47,6 +47,9 @@ const SHAPES: Array<[number, number, number]> = [
   [33, 640, 19],
   [1, 2560, 40],
   [9, 8, 3],
+  // DEQUANTIZE_MIN_ROWS rows or more: W dequantised once, then the f32 matmul.
+  [70, 192, 65],
+  [64, 37, 9],
 ];
 
 Deno.test("nf4Matmul matches the dequantised reference, with and without bias", async () => {
@@ -113,16 +116,17 @@ Deno.test("nf4MatmulInputGrad matches dy W, also over several chunks of N and ac
 Deno.test("the NF4 ops stage large operands in passes and grow the tile buffer mid-submission", async () => {
   const gpu = await testGpu();
   const small = randomWeight(gpu, 24, 128, 70);
-  // 100 rows of 8704: four 32-row tiles of 17 chunks each, staged 3 tiles (3.2 MiB) per pass.
-  const tall = randomWeight(gpu, 5, 8704, 71);
-  const tallT = randomWeight(gpu, 8704, 8, 72);
+  // 40 rows of 26112 (fewer than DEQUANTIZE_MIN_ROWS): two 32-row tiles of 51 chunks each
+  // (3.2 MiB), staged one tile per pass.
+  const tall = randomWeight(gpu, 5, 26112, 71);
+  const tallT = randomWeight(gpu, 26112, 8, 72);
   // One row of 68 chunks of 16384: 4.3 MiB of tiles, more than the buffer's first size.
   const wide = randomWeight(gpu, 2, 68 * 16384, 73);
   const xs = randn(2 * 3 * 128, 74);
-  const xt = randn(100 * 8704, 75);
+  const xt = randn(40 * 26112, 75);
   const xw = randn(68 * 16384, 76);
   const txs = gpu.upload(xs, [2, 3, 128], "f32", "x3d");
-  const txt = gpu.upload(xt, [100, 8704], "f32", "xtall");
+  const txt = gpu.upload(xt, [40, 26112], "f32", "xtall");
   const txw = gpu.upload(xw, [1, 68 * 16384], "f32", "xwide");
   // Recorded back to back: the last call needs a larger tile buffer than the others used, so
   // it must submit their work before replacing the buffer.
@@ -133,10 +137,10 @@ Deno.test("the NF4 ops stage large operands in passes and grow the tile buffer m
   assert.deepEqual(ys.shape, [2, 3, 24]);
   await checkAll(gpu, [
     { what: "nf4Matmul [2, 3, 128]", ref: nf4MatmulRef(xs, small.q, 24, 128), out: ys },
-    { what: "nf4Matmul [100, 8704]", ref: nf4MatmulRef(xt, tall.q, 5, 8704), out: yt },
+    { what: "nf4Matmul [40, 26112]", ref: nf4MatmulRef(xt, tall.q, 5, 26112), out: yt },
     {
-      what: "nf4MatmulInputGrad [100, 8704]",
-      ref: nf4MatmulInputGradRef(xt, tallT.q, 8704, 8),
+      what: "nf4MatmulInputGrad [40, 26112]",
+      ref: nf4MatmulInputGradRef(xt, tallT.q, 26112, 8),
       out: dxt,
     },
     { what: "nf4Matmul [1, 1114112]", ref: nf4MatmulRef(xw, wide.q, 2, 68 * 16384), out: yw },

@@ -170,3 +170,63 @@ Deno.test("a distillation step matches the train_step fixture: loss, gradients, 
   accum.destroy();
   cases.close();
 });
+
+/** `micro`'s rows in the order `order`, each padded with `padId` to `seqLen`. */
+function repad(micro: MicroBatch, order: number[], seqLen: number, padId: number): MicroBatch {
+  const { ids, lengths, seqLen: t } = micro.tokens;
+  const seqRow = micro.targetSeq.length / lengths.length;
+  const pooledRow = micro.targetPooled.length / lengths.length;
+  const out = new Int32Array(order.length * seqLen);
+  order.forEach((r, b) => {
+    const row = ids.subarray(r * t, r * t + lengths[r]);
+    out.set(row, b * seqLen);
+    out.fill(padId, b * seqLen + row.length, (b + 1) * seqLen);
+  });
+  const pick = (data: Float32Array, size: number) =>
+    Float32Array.from(order.flatMap((r) => [...data.subarray(r * size, (r + 1) * size)]));
+  return {
+    tokens: { ids: out, lengths: order.map((r) => lengths[r]), batch: order.length, seqLen },
+    targetSeq: pick(micro.targetSeq, seqRow),
+    targetPooled: pick(micro.targetPooled, pooledRow),
+  };
+}
+
+Deno.test("length bucketing does not change a step: rows reordered and padded only to their longest give the same loss and gradients", async () => {
+  const gpu = await testGpu();
+  const settings = { lr: { resampler: 1e-3, lora: 1e-4 }, weightDecay: 0.01, maxGradNorm: 0.5 };
+  const cases = await SafetensorsFile.open(`${FIX}train_step/cases.safetensors`);
+  const full = await fixtureBatch(cases, [0, 1]);
+  cases.close();
+  const { ids, lengths, seqLen } = full.tokens;
+  const shorter = lengths.indexOf(Math.min(...lengths));
+  assert.ok(lengths[shorter] < seqLen, "one fixture row is padded");
+  const padId = ids[shorter * seqLen + seqLen - 1];
+  const longest = Math.max(...lengths);
+  const results = [];
+  for (
+    const micro of [repad(full, [0, 1], seqLen + 9, padId), repad(full, [1, 0], longest, padId)]
+  ) {
+    const step = new DistillStep(gpu, await loadStudent(), settings, {
+      gradientCheckpointing: false,
+    });
+    step.accumulate(micro, 1, 0);
+    const measured = await step.measure();
+    const names = [...step.gradients().keys()];
+    const grads = (await gpu.readAll(names.map((n) => step.gradients().get(n)!))) as Float32Array[];
+    results.push({ measured, grads: new Map(names.map((n, i) => [n, grads[i]])) });
+    step.destroy();
+  }
+  const [padded, bucketed] = results;
+  near("loss", bucketed.measured.loss, padded.measured.loss, 1e-6 * padded.measured.loss);
+  near(
+    "grad_norm",
+    bucketed.measured.gradNorm.total,
+    padded.measured.gradNorm.total,
+    1e-5 * padded.measured.gradNorm.total,
+  );
+  for (const [name, g] of padded.grads) {
+    const scale = Math.max(...g.map(Math.abs));
+    const err = maxAbs(g, bucketed.grads.get(name)!);
+    assert.ok(err <= 1e-4 * scale, `${name}: max |diff| ${err} over 1e-4 x ${scale}`);
+  }
+});

@@ -18,7 +18,6 @@ import {
   readLatestCheckpoint,
   resolveTrainConfig,
   splitCacheRows,
-  StepOrder,
   train,
   type TrainOptions,
 } from "../../src/train/trainer.ts";
@@ -350,14 +349,6 @@ Deno.test("train: batch options, held-out fallback, data order and evaluation su
   assert.equal(split.train.length, 2);
   assert.match(split.warnings[0], /holds out none; evaluating on 1 caption instead/);
   assert.deepEqual(splitCacheRows(captions, 0), { train: [0, 1, 2], heldOut: [], warnings: [] });
-
-  const rows = Array.from({ length: 10 }, (_, i) => 100 + i);
-  const order = new StepOrder(rows, 3, 4, 2);
-  const epoch0 = [...order.rows(0), ...order.rows(1)];
-  assert.equal(new Set(epoch0).size, 8);
-  assert.ok(epoch0.every((r) => rows.includes(r)));
-  assert.notDeepEqual([...order.rows(2), ...order.rows(3)], epoch0, "each epoch has its own order");
-  assert.deepEqual(new StepOrder(rows, 3, 4, 2).rows(3), order.rows(3), "a function of the step");
 
   const acc = new EvalAccumulator(2);
   const teacher = { seq: Float32Array.from([1, 0, 0, 2]), pooled: Float32Array.from([3, 4]) };

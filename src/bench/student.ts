@@ -1,0 +1,228 @@
+/**
+ * The student at the bench config (hidden 1024, 8 layers, 16/8 heads x 64, intermediate 3072,
+ * vocab 4096, 256 tokens; resampler at its defaults): forward with NF4 weights, forward with
+ * f32 weights, and one distillation step (NF4 + LoRA r16 on q/k/v/o + resampler, batch 1, no
+ * checkpointing), the same work as PyTorch's `torch_student.py`, whose JSON `--torch` reads.
+ *
+ * The random checkpoint is written once (BF16) under bench-out/ and reused.
+ */
+import { join } from "node:path";
+import { ModelFolder } from "../io/hf.ts";
+import { DEFAULT_LORA_CONFIG, destroyLora, initLora } from "../models/lora.ts";
+import { qwen3Forward, type TokenBatch } from "../models/qwen3.ts";
+import {
+  destroyQwen3Weights,
+  loadQwen3Weights,
+  type Qwen3Config,
+  qwen3LinearShapes,
+  type Qwen3Weights,
+} from "../models/qwen3_weights.ts";
+import { writeRandomQwen3 } from "../models/random_qwen3.ts";
+import { destroyResampler, initResampler, RESAMPLER_DEFAULTS } from "../models/resampler.ts";
+import { Rng } from "../train/rng.ts";
+import { DistillStep, type MicroBatch } from "../train/step.ts";
+import type { Gpu } from "../gpu/device.ts";
+import type { Bench, BenchResult } from "./harness.ts";
+import { maxRssBytes, PeakMemory } from "./scale_report.ts";
+
+export const STUDENT_BENCH_CONFIG: Readonly<Qwen3Config> = {
+  hiddenSize: 1024,
+  numLayers: 8,
+  numHeads: 16,
+  numKvHeads: 8,
+  headDim: 64,
+  intermediateSize: 3072,
+  vocabSize: 4096,
+  ropeTheta: 1e6,
+  rmsNormEps: 1e-6,
+};
+
+export const STUDENT_BENCH_TOKENS = 256;
+
+/** Where the random bench checkpoint lives (inside the project: the task writes only there). */
+export const STUDENT_BENCH_DIR = "bench-out/student-bench-qwen3";
+
+/** What `python3 torch_student.py` prints. */
+export interface TorchStudentTimes {
+  tokens: number;
+  fwd_f32_s: number;
+  train_step_s: number;
+}
+
+/** Reads and checks the JSON `torch_student.py` printed (flag `--torch`). */
+export async function readTorchStudentTimes(path: string): Promise<TorchStudentTimes> {
+  let json: unknown;
+  try {
+    // The script's last line: it imports torch_baseline.py, which may print its own first.
+    json = JSON.parse((await Deno.readTextFile(path)).trim().split("\n").at(-1) ?? "");
+  } catch (error) {
+    throw new Error(
+      `--torch ${path}: ${(error as Error).message}; pass the JSON that ` +
+        "`python3 torch_student.py > FILE` printed",
+    );
+  }
+  const t = json as Partial<TorchStudentTimes>;
+  for (const key of ["tokens", "fwd_f32_s", "train_step_s"] as const) {
+    if (typeof t?.[key] !== "number" || !(t[key]! > 0)) {
+      throw new Error(`--torch ${path}: "${key}" is missing or not a positive number`);
+    }
+  }
+  if (t.tokens !== STUDENT_BENCH_TOKENS) {
+    throw new Error(
+      `--torch ${path}: measured at ${t.tokens} tokens; the student bench runs ` +
+        `${STUDENT_BENCH_TOKENS} (run torch_student.py without --tokens)`,
+    );
+  }
+  return t as TorchStudentTimes;
+}
+
+async function ensureCheckpoint(dir: string): Promise<void> {
+  if (await Deno.stat(join(dir, "config.json")).catch(() => null)) return;
+  console.error(`writing the random bench Qwen3 (BF16) to ${dir} ...`);
+  await writeRandomQwen3(dir, STUDENT_BENCH_CONFIG, { seed: 5, dtype: "BF16" });
+}
+
+async function loadWeights(gpu: Gpu, dir: string, quantize: "nf4" | "none") {
+  const folder = await ModelFolder.open(dir);
+  try {
+    return await loadQwen3Weights(gpu, folder, { quantize });
+  } finally {
+    folder.close();
+  }
+}
+
+/** Seconds of each of `reps` calls after one warm-up call (which compiles the pipelines). */
+async function timeSeconds(reps: number, run: () => Promise<void>): Promise<number[]> {
+  await run();
+  const seconds: number[] = [];
+  for (let r = 0; r < reps; r++) {
+    const start = performance.now();
+    await run();
+    seconds.push((performance.now() - start) / 1000);
+  }
+  return seconds;
+}
+
+/** One result row: median seconds, the spread, tokens/s, GPU counters per call. */
+function row(
+  peak: PeakMemory,
+  name: string,
+  seconds: number[],
+  counters: { dispatches: number; submits: number },
+  torchSeconds: number | undefined,
+): BenchResult {
+  const sorted = [...seconds].sort((a, b) => a - b);
+  const s = sorted[sorted.length >> 1];
+  return {
+    name,
+    ms: s * 1000,
+    seconds: s,
+    minSeconds: sorted[0],
+    maxSeconds: sorted.at(-1),
+    tokensPerSecond: STUDENT_BENCH_TOKENS / s,
+    dispatches: counters.dispatches,
+    submits: counters.submits,
+    peakRssBytes: peak.rss,
+    peakGpuPoolBytes: peak.gpuPool,
+    ...(torchSeconds === undefined ? {} : { torchSeconds, vsTorch: s / torchSeconds }),
+  };
+}
+
+/** Dispatches and submits one call of `run` records. */
+async function countCalls(gpu: Gpu, run: () => Promise<void>) {
+  const before = gpu.stats;
+  await run();
+  const after = gpu.stats;
+  return {
+    dispatches: after.dispatches - before.dispatches,
+    submits: after.submits - before.submits,
+  };
+}
+
+export const studentBench: Bench = {
+  name: "student",
+  summary: "the bench-config student: forward NF4, forward f32, one training step",
+  async run({ gpu, torch }) {
+    await ensureCheckpoint(STUDENT_BENCH_DIR);
+    const reps = 3;
+    const rng = new Rng(3);
+    const tokens: TokenBatch = {
+      ids: Int32Array.from(
+        { length: STUDENT_BENCH_TOKENS },
+        () => Math.floor(rng.next() * STUDENT_BENCH_CONFIG.vocabSize),
+      ),
+      lengths: [STUDENT_BENCH_TOKENS],
+      batch: 1,
+      seqLen: STUDENT_BENCH_TOKENS,
+    };
+    const peak = new PeakMemory(gpu);
+    const results: BenchResult[] = [];
+    try {
+      const forward = (weights: Qwen3Weights) => async () => {
+        const out = qwen3Forward(gpu, weights, tokens);
+        await gpu.read(out);
+        out.destroy();
+        peak.sample();
+      };
+      for (const quantize of ["nf4", "none"] as const) {
+        const weights = await loadWeights(gpu, STUDENT_BENCH_DIR, quantize);
+        peak.reset();
+        const seconds = await timeSeconds(reps, forward(weights));
+        const counters = await countCalls(gpu, forward(weights));
+        results.push({
+          ...row(
+            peak,
+            `student_forward_${quantize === "nf4" ? "nf4" : "f32"}`,
+            seconds,
+            counters,
+            torch?.fwd_f32_s,
+          ),
+          weightGpuBytes: weights.gpuBytes,
+        });
+        destroyQwen3Weights(weights);
+      }
+
+      const qwen = await loadWeights(gpu, STUDENT_BENCH_DIR, "nf4");
+      const lora = initLora(
+        gpu,
+        qwen3LinearShapes(qwen.config),
+        qwen.config.numLayers,
+        { ...DEFAULT_LORA_CONFIG },
+        rng,
+      );
+      const resamplerConfig = { dimIn: qwen.config.hiddenSize, ...RESAMPLER_DEFAULTS };
+      const resampler = initResampler(gpu, resamplerConfig, rng);
+      const step = new DistillStep(
+        gpu,
+        { qwen, lora, resampler },
+        { lr: { resampler: 1e-4, lora: 2e-5 }, weightDecay: 0.01, maxGradNorm: 1 },
+        { gradientCheckpointing: false },
+      );
+      const micro: MicroBatch = {
+        tokens,
+        targetSeq: rng.fillNormal(
+          new Float32Array(resamplerConfig.numQueries * resamplerConfig.dimSeq),
+        ),
+        targetPooled: rng.fillNormal(new Float32Array(resamplerConfig.dimPooled)),
+      };
+      peak.reset();
+      let calls = 0;
+      const train = async () => {
+        const r = await step.step([micro], 1, calls++);
+        peak.sample();
+        if (!Number.isFinite(r.loss)) throw new Error(`student bench: training loss ${r.loss}`);
+      };
+      const seconds = await timeSeconds(reps, train);
+      const counters = await countCalls(gpu, train);
+      results.push(row(peak, "student_train_step", seconds, counters, torch?.train_step_s));
+      step.destroy();
+      destroyLora(lora);
+      destroyResampler(resampler);
+      destroyQwen3Weights(qwen);
+      for (const r of results) r.maxRssBytes = maxRssBytes();
+      return results;
+    } finally {
+      peak.stop();
+    }
+  },
+};
