@@ -14,7 +14,7 @@ import { writeRandomQwen3 } from "../models/random_qwen3.ts";
 import { type ClipTextShape, writeRandomSdxlTeacherFolder } from "../models/random_sdxl.ts";
 import { loadSdxlTeacher } from "../models/sdxl_teacher.ts";
 import { readQwenPackageFiles } from "../text/qwen_tokenizer.ts";
-import { describeHeldOut, type HeldOutFigures } from "../train/evaluation.ts";
+import type { HeldOutFigures } from "../train/evaluation.ts";
 import { readMetrics } from "../train/metrics.ts";
 import { train, type TrainOptions } from "../train/trainer.ts";
 import { type Command, parseCommandArgs, positiveInteger, UsageError } from "./args.ts";
@@ -88,6 +88,8 @@ Options:
   --out <folder>      output folder (default bench-out/learn; replaced on each run)
   --steps <n>         optimizer steps per variant (default 400)
   --variants <list>   comma-separated, from: ${Object.keys(VARIANTS).join(", ")} (default all)
+  --keep-cache        reuse the models and the cache of an earlier run in <out> (they are the
+                      same on every run); only the variants' run folders are replaced
   -h, --help          show this help`;
 
 interface VariantResult {
@@ -99,7 +101,12 @@ interface VariantResult {
 }
 
 export async function runBenchLearn(
-  { out, steps, variants }: { out: string; steps: number; variants: string[] },
+  { out, steps, variants, keepCache = false }: {
+    out: string;
+    steps: number;
+    variants: string[];
+    keepCache?: boolean;
+  },
   log: (line: string) => void = (line) => console.log(line),
 ): Promise<void> {
   for (const v of variants) {
@@ -109,11 +116,20 @@ export async function runBenchLearn(
       );
     }
   }
-  await prepareOut(out, MARKER, "bench:learn");
+  // The models and the cache are the same on every run (fixed seeds): --keep-cache reuses them.
+  const cached = keepCache &&
+    await Deno.stat(join(out, "cache", "manifest.json")).then(() => true, () => false);
+  if (cached) {
+    for (const v of variants) await Deno.remove(join(out, v), { recursive: true }).catch(() => {});
+  } else {
+    await prepareOut(out, MARKER, "bench:learn");
+  }
   const sdxl = join(out, "models", "sdxl-small-random");
   const qwen = join(out, "models", "qwen3-small-random");
-  await writeRandomSdxlTeacherFolder(sdxl, TEACHER, 1);
-  await writeRandomQwen3(qwen, STUDENT, { seed: 2, tokenizer: await readQwenPackageFiles() });
+  if (!cached) {
+    await writeRandomSdxlTeacherFolder(sdxl, TEACHER, 1);
+    await writeRandomQwen3(qwen, STUDENT, { seed: 2, tokenizer: await readQwenPackageFiles() });
+  }
   const gpu = await Gpu.create();
   try {
     const cache = join(out, "cache");
@@ -164,7 +180,6 @@ export async function runBenchLearn(
         },
       });
       const h = result.evalAfter!.heldOut!;
-      for (const line of describeHeldOut(h)) log(`  ${line}`);
       references = {
         mean_mse_seq: h.meanMseSeq,
         mean_mse_pooled: h.meanMsePooled,
@@ -236,12 +251,14 @@ export const benchLearnCommand: Command = {
       out: { type: "string" },
       steps: { type: "string" },
       variants: { type: "string" },
+      "keep-cache": { type: "boolean" },
     });
     if (values.help) return console.log(HELP);
     await runBenchLearn({
       out: values.out ?? "bench-out/learn",
       steps: positiveInteger("bench:learn", "--steps", values.steps, 400),
       variants: values.variants?.split(",").map((v) => v.trim()) ?? Object.keys(VARIANTS),
+      keepCache: values["keep-cache"] ?? false,
     });
   },
 };
