@@ -1,5 +1,5 @@
 /**
- * One CLIP text transformer as SDXL uses it (SPEC section 2): OpenAI CLIP ViT-L/14 text
+ * One CLIP text transformer as SDXL uses it (docs/numerics.md §2): OpenAI CLIP ViT-L/14 text
  * (`text_encoder/`) or OpenCLIP ViT-bigG/14 text with its projection (`text_encoder_2/`), read
  * from a Hugging Face folder with every size taken from its config.json.
  *

@@ -1,5 +1,5 @@
 /**
- * NF4 4-bit block quantisation with bitsandbytes' semantics (SPEC section 3.1).
+ * NF4 4-bit block quantisation with bitsandbytes' semantics (docs/numerics.md §3.1).
  *
  * A weight is flattened row-major and cut into blocks (64 values by default, the last one may
  * be shorter); each block stores its absmax as f32 and each value the index of its nearest NF4

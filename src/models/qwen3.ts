@@ -1,6 +1,6 @@
 /**
  * The student's encoder: a Qwen3 decoder stack run to its final-norm hidden state
- * (SPEC section 3), with frozen NF4 (or f32) linears and optional LoRA on any of them.
+ * (docs/numerics.md §3), with frozen NF4 (or f32) linears and optional LoRA on any of them.
  */
 import type { Gpu } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";

@@ -1,5 +1,5 @@
 /**
- * The Perceiver Resampler (SPEC section 4): learned latent queries cross-attend to the
+ * The Perceiver Resampler (docs/numerics.md §4): learned latent queries cross-attend to the
  * student's hidden states and become SDXL's conditioning, `seq` [B, Q, dim_seq] (prompt_embeds)
  * and `pooled` [B, dim_pooled] (pooled text embeds). It is trained, so the forward can keep
  * what the backward reads (`ResamplerActivations`, llm.c style) and `resamplerBackward`
@@ -43,7 +43,7 @@ export const RESAMPLER_WEIGHTS_FILE = "resampler.safetensors";
 /** All LayerNorms of the resampler use this eps. */
 const LN_EPS = 1e-5;
 
-/** Sizes of a Perceiver Resampler (SPEC section 4); `resampler_config.json` in snake_case. */
+/** Sizes of a Perceiver Resampler (docs/numerics.md §4); `resampler_config.json` in snake_case. */
 export interface ResamplerConfig {
   /** The student's hidden size. */
   dimIn: number;

@@ -1,5 +1,5 @@
 /**
- * Plain float64 reference of the Perceiver Resampler forward (SPEC section 4), one batch row at
+ * Plain float64 reference of the Perceiver Resampler forward (docs/numerics.md §4), one batch row at
  * a time with obvious loops: the oracle for the GPU forward on small configs, and (being f64)
  * the function the GPU backward is checked against by finite differences.
  */

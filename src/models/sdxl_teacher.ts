@@ -1,5 +1,5 @@
 /**
- * The SDXL teacher (SPEC section 2): both CLIP text encoders and tokenizers of a diffusers SDXL
+ * The SDXL teacher (docs/numerics.md §2): both CLIP text encoders and tokenizers of a diffusers SDXL
  * folder, as the target cache's `Teacher`. Per caption it gives
  * `prompt_embeds` = concat(penultimate of text_encoder/, penultimate of text_encoder_2/) on
  * the feature axis ([77, 768 + 1280]) and `pooled` = text_encoder_2/'s projected pooled

@@ -1,5 +1,5 @@
 /**
- * Linear layers through a frozen NF4 weight (SPEC 3.1): `nf4Matmul` computes y = x W^T (+ bias)
+ * Linear layers through a frozen NF4 weight (docs/numerics.md §3.1): `nf4Matmul` computes y = x W^T (+ bias)
  * and `nf4MatmulInputGrad` the gradient dx = dy W that training sends back through the frozen
  * weight. W stays packed on the GPU.
  *

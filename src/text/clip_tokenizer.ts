@@ -1,8 +1,8 @@
 /**
  * CLIP byte-level BPE tokenizer for SDXL's `tokenizer/` and `tokenizer_2/`
- * folders (SPEC section 2).
+ * folders (docs/numerics.md §2).
  *
- * Normalisation and the pre-tokenizer regex are done here, because SPEC's
+ * Normalisation and the pre-tokenizer regex are done here, because docs/numerics.md's
  * regex is case-insensitive (as in openai/CLIP) while a `tokenizer.json`
  * Split pattern is not, and because cutting the text after 76 pieces keeps a
  * 100k-character caption as cheap as a short one. Each piece is then
@@ -29,7 +29,7 @@ const DEFAULT_EOS_TOKEN = "<|endoftext|>";
 const END_OF_WORD = "</w>";
 
 /**
- * SPEC 2's pre-tokenizer. `\s` is written as `\p{White_Space}` so that it is
+ * docs/numerics.md §2's pre-tokenizer. `\s` is written as `\p{White_Space}` so that it is
  * the Unicode White_Space set of Python's `regex` module (JS `\s` also
  * matches U+FEFF and misses U+0085).
  */
@@ -84,7 +84,7 @@ export interface ClipTokenizerFiles {
   source: string;
 }
 
-/** NFC, whitespace runs collapsed to one space, stripped, lower-cased (SPEC 2). */
+/** NFC, whitespace runs collapsed to one space, stripped, lower-cased (docs/numerics.md §2). */
 export function normalizeClipText(text: string): string {
   return text.normalize("NFC").replace(WHITESPACE_RUN, " ").trim().toLowerCase();
 }
@@ -239,7 +239,7 @@ export class ClipTokenizer {
     return new ClipTokenizer(bpe, idToToken, ids, padToken);
   }
 
-  /** Tokenizes one caption to 77 ids (SPEC 2). */
+  /** Tokenizes one caption to 77 ids (docs/numerics.md §2). */
   encode(text: string): ClipEncoding {
     const ids = new Int32Array(CLIP_SEQUENCE_LENGTH);
     const { length, truncated } = this.#encodeInto(text, ids, "the caption");

@@ -1,5 +1,5 @@
 /**
- * Qwen3 tokenizer and prompt template for the student encoder (SPEC 3,
+ * Qwen3 tokenizer and prompt template for the student encoder (docs/numerics.md §3,
  * "Prompt text"). Tokenization is `@huggingface/tokenizers` built from the
  * folder's `tokenizer.json` + `tokenizer_config.json`; the chat template is
  * rendered with `@huggingface/jinja`.

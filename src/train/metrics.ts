@@ -25,7 +25,7 @@ export interface RunRecord {
   config: Record<string, unknown>;
 }
 
-/** Per-group values: the two AdamW parameter groups (SPEC 5). */
+/** Per-group values: the two AdamW parameter groups (docs/numerics.md §5). */
 export interface GroupValues {
   resampler: number;
   lora: number;
@@ -42,7 +42,7 @@ export interface StepRecord {
   loss_seq: number;
   loss_pooled: number;
   lr: GroupValues;
-  /** Pre-clip global L2 norms (SPEC 5), overall and per group. */
+  /** Pre-clip global L2 norms (docs/numerics.md §5), overall and per group. */
   grad_norm: GroupValues & { total: number };
   /** The factor the gradients were scaled by: 1 when not clipped. */
   clip_coef: number;

@@ -1,5 +1,5 @@
 /**
- * The optimiser side of training (SPEC section 5): the MSE loss with its gradient, gradient
+ * The optimiser side of training (docs/numerics.md §5): the MSE loss with its gradient, gradient
  * norms and clipping, AdamW with parameter groups, and the learning-rate schedule.
  *
  * Everything stays f32 on the GPU; the host reads back one small array of partial sums per
@@ -21,7 +21,7 @@ const WG = 256;
  */
 const MAX_PARTIALS = 1024;
 
-/** SPEC 5 defaults. */
+/** docs/numerics.md §5 defaults. */
 export const DEFAULT_LR = { resampler: 1e-4, lora: 2e-5 } as const;
 export const DEFAULT_WEIGHT_DECAY = 0.01;
 export const DEFAULT_MAX_GRAD_NORM = 1.0;

@@ -1,5 +1,5 @@
 /**
- * One distillation step (SPEC section 5): the student (NF4 Qwen3 + LoRA) and the resampler
+ * One distillation step (docs/numerics.md §5): the student (NF4 Qwen3 + LoRA) and the resampler
  * run forward, MSE against the teacher's targets, backward into the LoRA and resampler
  * gradients, then global-norm clipping and AdamW with two parameter groups.
  */

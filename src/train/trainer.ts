@@ -1,5 +1,5 @@
 /**
- * The distillation training loop (SPEC 5): reads captions and teacher targets from a target
+ * The distillation training loop (docs/numerics.md §5): reads captions and teacher targets from a target
  * cache, trains LoRA on an NF4 Qwen3 plus a Perceiver Resampler with `DistillStep`, evaluates
  * on a held-out split, writes resumable checkpoints and finally the adapter folder `encode`
  * reads.
@@ -123,7 +123,7 @@ export type ResamplerShape = Pick<
   "dim" | "depth" | "heads" | "dimHead" | "ffMult" | "numPositions" | "seqBias"
 >;
 
-/** What `train` is asked to do. Omitted fields take the defaults above and SPEC 5's. */
+/** What `train` is asked to do. Omitted fields take the defaults above and docs/numerics.md §5's. */
 export interface TrainOptions {
   /** Target cache folder (deno task cache). */
   cache: string;
@@ -177,7 +177,7 @@ export interface TrainOptions {
   keepCheckpoints?: number;
   /** LoRA hyper-parameters; missing fields take the defaults (r 16, alpha 32, q/k/v/o). */
   lora?: Partial<LoraConfig>;
-  /** Resampler sizes; missing fields take SPEC section 4's defaults. */
+  /** Resampler sizes; missing fields take the defaults of docs/numerics.md §4. */
   resampler?: Partial<ResamplerShape>;
   /** How captions become student tokens (default chat template, 256 tokens). */
   prompt?: Partial<PromptSettings>;

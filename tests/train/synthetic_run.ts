@@ -1,6 +1,6 @@
 /**
  * A made-up but realistic metrics log for the report tests and for looking at the report by
- * eye: losses decaying over decades with noise, the SPEC 5 warmup + cosine schedule, grad norms
+ * eye: losses decaying over decades with noise, the docs/numerics.md §5 warmup + cosine schedule, grad norms
  * with early spikes (clipped), and evals spread evenly over the run.
  */
 import type { EvalRecord, MetricsRecord, StepRecord } from "../../src/train/metrics.ts";
