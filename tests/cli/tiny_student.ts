@@ -20,7 +20,10 @@ const SIZES = {
   vocabSize: 151936,
 };
 
-/** A tiny random Qwen3 with the real tokenizer, and an untrained adapter for it. */
+/**
+ * A tiny random Qwen3 with the real tokenizer, and a random adapter for it. LoRA's B is drawn
+ * too (training starts it at 0), so that what the tests compare runs through the LoRA path.
+ */
 export async function tinyStudent(root: string, hiddenSize = SIZES.hiddenSize) {
   const gpu = await testGpu();
   const qwen = join(root, `qwen-${hiddenSize}`);
@@ -36,6 +39,9 @@ export async function tinyStudent(root: string, hiddenSize = SIZES.hiddenSize) {
     ...DEFAULT_LORA_CONFIG,
     r: 4,
   }, rng);
+  for (const { b } of lora.pairs.values()) {
+    gpu.write(b, rng.fillNormal(new Float32Array(b.size), 0.1));
+  }
   const resampler = initResampler(gpu, {
     ...RESAMPLER_DEFAULTS,
     dimIn: hiddenSize,
