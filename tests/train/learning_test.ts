@@ -53,13 +53,15 @@ async function heldOutAfterTraining(cache: string): Promise<HeldOutReport> {
 
 function describe(h: HeldOutReport): string {
   const s = h.student;
-  return `R² seq ${s.r2Seq.toFixed(3)} pooled ${s.r2Pooled.toFixed(3)}, top-5 seq ${s.top5Seq} ` +
-    `pooled ${s.top5Pooled} (chance ${h.chanceTop5}), ${s.rows} rows`;
+  const f = (v: number | null) => v?.toFixed(3);
+  return `R² seq ${f(s.r2Seq)} pooled ${f(s.r2Pooled)}, top-5 seq ${f(s.top5Seq)} ` +
+    `pooled ${f(s.top5Pooled)} (chance ${f(h.chanceTop5)}), ${s.rows} rows`;
 }
 
 Deno.test("learning: on held-out captions the student beats the mean predictor and chance", async () => {
   const h = await heldOutAfterTraining("cache");
   const s = h.student;
+  console.log(`student: ${describe(h)}; word neighbours R² seq ${h.neighbours.r2Seq.toFixed(3)}`);
   assert.ok(s.rows >= 20, describe(h));
   assert.ok(s.r2Seq > 0.04, `seq barely beats ignoring the prompt: ${describe(h)}`);
   assert.ok(s.r2Pooled > 0.1, `pooled barely beats ignoring the prompt: ${describe(h)}`);
@@ -74,6 +76,7 @@ Deno.test("learning: on held-out captions the student beats the mean predictor a
 Deno.test("learning control: targets shuffled against their captions give no gain", async () => {
   const h = await heldOutAfterTraining("shuffled");
   const s = h.student;
+  console.log(`shuffled control: ${describe(h)}`);
   assert.ok(s.r2Seq < 0.02 && s.r2Pooled < 0.02, `learned unlinked targets: ${describe(h)}`);
   assert.ok(s.top5Seq! < 1.5 * h.chanceTop5!, `retrieval without a link: ${describe(h)}`);
 });
