@@ -62,7 +62,7 @@ export {
   loadStudent,
   type LoadStudentOptions,
   type Student,
-} from "./src/models/student.ts";
+} from "./src/train/student.ts";
 export {
   type QwenBatchEncoding,
   type QwenEncodeOptions,

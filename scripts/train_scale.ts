@@ -37,7 +37,7 @@ import {
   resamplerParamCount,
 } from "../src/models/resampler.ts";
 import { loadQwenTokenizer } from "../src/text/qwen_tokenizer.ts";
-import { Rng } from "../src/train/rng.ts";
+import { Rng } from "../src/util/rng.ts";
 import { DistillStep, type MicroBatch, type StudentModel } from "../src/train/step.ts";
 
 const PROMPT = "A watercolour of a red fox curled asleep in fresh snow beneath a birch tree, " +

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Gpu, type GpuOptions } from "../src/gpu/device.ts";
-import { Rng } from "../src/train/rng.ts";
+import { Rng } from "../src/util/rng.ts";
 
 let shared: Promise<Gpu> | null = null;
 

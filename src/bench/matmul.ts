@@ -3,7 +3,7 @@ import type { Gpu } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import { f32ArrayToBf16, f32ArrayToF16 } from "../io/dtype.ts";
 import { matmul, type MatmulWeightType } from "../ops/matmul.ts";
-import { Rng } from "../train/rng.ts";
+import { Rng } from "../util/rng.ts";
 import { type Bench, type BenchResult, timeGpu } from "./harness.ts";
 
 const SQUARE_SIZES = [256, 512, 1000, 1024, 2048];

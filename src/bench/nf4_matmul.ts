@@ -1,7 +1,7 @@
 /** NF4 matmul throughput at the Qwen3-4B projection shapes, forward and input gradient. */
-import { nf4Quantize } from "../models/nf4.ts";
+import { nf4Quantize } from "../ops/nf4.ts";
 import { nf4Matmul, nf4MatmulInputGrad, uploadNf4Weight } from "../ops/nf4_matmul.ts";
-import { Rng } from "../train/rng.ts";
+import { Rng } from "../util/rng.ts";
 import { type Bench, type BenchResult, timeGpu } from "./harness.ts";
 
 /** [m, k, n]: 256 tokens through up/gate and down of Qwen3-4B, and a 32-token q/o projection. */

@@ -19,7 +19,7 @@ import {
 } from "../models/qwen3_weights.ts";
 import { writeRandomQwen3 } from "../models/random_qwen3.ts";
 import { destroyResampler, initResampler, RESAMPLER_DEFAULTS } from "../models/resampler.ts";
-import { Rng } from "../train/rng.ts";
+import { Rng } from "../util/rng.ts";
 import { DistillStep, type MicroBatch } from "../train/step.ts";
 import type { Gpu } from "../gpu/device.ts";
 import type { Bench, BenchResult } from "./harness.ts";

@@ -12,7 +12,7 @@ import {
   encodePrompts,
   loadStudent,
   type Student,
-} from "../models/student.ts";
+} from "../train/student.ts";
 import { RESAMPLER_WEIGHTS_FILE } from "../models/resampler.ts";
 import { DISTILL_CONFIG_FILE } from "../train/adapter.ts";
 import { type Command, parseCommandArgs, positiveInteger, UsageError } from "./args.ts";

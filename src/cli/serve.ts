@@ -7,7 +7,7 @@ import {
   encodePrompts,
   loadStudent,
   type Student,
-} from "../models/student.ts";
+} from "../train/student.ts";
 import { type Command, parseCommandArgs, positiveInteger, UsageError } from "./args.ts";
 import { adapterId, conditioningBytes, encodedFile } from "./encode.ts";
 

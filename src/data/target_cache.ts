@@ -18,9 +18,12 @@ import { prepareOutputFolder } from "../io/output_path.ts";
 import { decodeF32, f32ArrayToF16 } from "../io/dtype.ts";
 import { SafetensorsFile, type TensorInfo, writeSafetensors } from "../io/safetensors.ts";
 import { captionHash, type CaptionRow } from "./captions.ts";
-import { sha256File, ShardHashCheck } from "./cache_verify.ts";
+import { ShardHashCheck } from "./cache_verify.ts";
+import { sha256File } from "../util/hash.ts";
+import type { JsonScalar, Teacher } from "../models/teacher.ts";
 
 export { sha256File };
+export type { JsonScalar, Teacher };
 
 /** The `format` of a cache manifest; other values are refused. */
 export const CACHE_FORMAT = "distill-target-cache";
@@ -39,27 +42,6 @@ export class CacheError extends Error {
 }
 
 /** A JSON value that is not an object, array or null: what settings records hold. */
-export type JsonScalar = string | number | boolean;
-
-/** What computes targets. The CLI gets one from `loadSdxlTeacher`; tests use a fake. */
-export interface Teacher {
-  /**
-   * What makes two teachers' outputs interchangeable (e.g. SHA-256 of each weight file's header
-   * and size, model folder names); a cache refuses a teacher whose identity differs.
-   */
-  identity: Record<string, string>;
-  /** Tokenizer settings the targets depend on (max length, pad ids, text normalisation). */
-  tokenizer: Record<string, JsonScalar>;
-  /** Tokens per sequence target (77 for SDXL). */
-  seqLen: number;
-  /** Features per token (2048 for SDXL: 768 + 1280). */
-  seqDim: number;
-  /** Features of the pooled target (1280 for SDXL). */
-  pooledDim: number;
-  /** Row-major f32 targets of a batch: seq [B, seqLen, seqDim], pooled [B, pooledDim]. */
-  encode(captions: string[]): Promise<{ seq: Float32Array; pooled: Float32Array }>;
-}
-
 /** The teacher as a manifest records and compares it (keys sorted, so equal teachers match). */
 export interface TeacherRecord {
   /** See `Teacher.identity`. */

@@ -3,7 +3,7 @@ import type { Gpu } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import { writeFileAtomic } from "../io/atomic.ts";
 import { SafetensorsFile, writeSafetensors } from "../io/safetensors.ts";
-import type { Rng } from "../train/rng.ts";
+import type { Rng } from "../util/rng.ts";
 
 /** The Qwen3 decoder linears LoRA can target, by PEFT's short name. */
 export const QWEN3_LINEARS = {

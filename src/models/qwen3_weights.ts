@@ -2,7 +2,7 @@ import type { Gpu } from "../gpu/device.ts";
 import { type DType, dtypeBytes, type Tensor } from "../gpu/tensor.ts";
 import type { ModelFolder } from "../io/hf.ts";
 import { type LinearName, type LinearShapes, QWEN3_LINEARS } from "./lora.ts";
-import { NF4_BLOCK_SIZE, nf4Quantize, type Nf4Quantized } from "./nf4.ts";
+import { NF4_BLOCK_SIZE, nf4Quantize, type Nf4Quantized } from "../ops/nf4.ts";
 import { type Nf4Weight, uploadNf4Weight } from "../ops/nf4_matmul.ts";
 
 /** The sizes a Qwen3 decoder needs, read from its config.json. */

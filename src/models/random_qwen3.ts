@@ -22,7 +22,7 @@ import { join } from "node:path";
 import { writeAll, writeAtomic, writeFileAtomic } from "../io/atomic.ts";
 import { DTYPE_BYTES, f32ToBf16Bits, f32ToF16Bits } from "../io/dtype.ts";
 import type { JsonObject } from "../text/tokenizer_files.ts";
-import { Rng } from "../train/rng.ts";
+import { Rng } from "../util/rng.ts";
 import { QWEN3_LINEARS } from "./lora.ts";
 import { type Qwen3Config, qwen3LinearShapes } from "./qwen3_weights.ts";
 

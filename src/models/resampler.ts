@@ -35,7 +35,7 @@ import {
   layerNormWithStats,
 } from "../ops/norm.ts";
 import { columnSum } from "../ops/reduce.ts";
-import type { Rng } from "../train/rng.ts";
+import type { Rng } from "../util/rng.ts";
 
 export const RESAMPLER_CONFIG_FILE = "resampler_config.json";
 export const RESAMPLER_WEIGHTS_FILE = "resampler.safetensors";

@@ -10,7 +10,8 @@ import type { Gpu } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import { ModelFolder } from "../io/hf.ts";
 import { concatLastAxis } from "../ops/layout.ts";
-import { sha256File, type Teacher } from "../data/target_cache.ts";
+import { sha256File } from "../util/hash.ts";
+import type { Teacher } from "./teacher.ts";
 import {
   CLIP_SEQUENCE_LENGTH,
   type ClipTokenizer,

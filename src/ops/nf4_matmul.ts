@@ -15,7 +15,7 @@ import code from "../../kernels/nf4_matmul.wgsl" with { type: "text" };
 import { f32, type Gpu, grid1d } from "../gpu/device.ts";
 import { numel, type Tensor } from "../gpu/tensor.ts";
 import { matmul } from "./matmul.ts";
-import { NF4_BLOCK_SIZE, NF4_CODE, type Nf4Quantized } from "../models/nf4.ts";
+import { NF4_BLOCK_SIZE, NF4_CODE, type Nf4Quantized } from "./nf4.ts";
 import { requireDType, requireOut, requirePositiveInteger, requireSize } from "./checks.ts";
 
 /** A frozen [outFeatures, inFeatures] weight in NF4, as `nf4Quantize` lays it out. */

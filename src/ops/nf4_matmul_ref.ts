@@ -2,7 +2,7 @@
  * Plain TypeScript references for the NF4 matmuls: dequantise W with `nf4Dequantize`, then
  * float64 loops.
  */
-import { NF4_BLOCK_SIZE, nf4Dequantize, type Nf4Quantized } from "../models/nf4.ts";
+import { NF4_BLOCK_SIZE, nf4Dequantize, type Nf4Quantized } from "./nf4.ts";
 
 /** y [m, n] = x [m, k] W^T (+ bias), W [n, k] given quantised. */
 export function nf4MatmulRef(

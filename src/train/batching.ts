@@ -12,7 +12,7 @@
  * Everything of epoch `e` comes from one `Rng(epochSeed(e))`, so the rows of a step are a
  * function of the seed and the step alone and a run resumed mid-epoch takes the same batches.
  */
-import { Rng } from "./rng.ts";
+import { Rng } from "../util/rng.ts";
 
 /** Batches per sorted window; at batch 16 a window holds 1024 rows. */
 export const BUCKET_WINDOW_BATCHES = 64;

@@ -82,7 +82,7 @@ import {
 } from "./optim.ts";
 import { writeReport } from "./report.ts";
 import { EPOCH_ORDER_DESCRIPTION, paddingFraction, StepOrder } from "./batching.ts";
-import { Rng } from "./rng.ts";
+import { Rng } from "../util/rng.ts";
 import {
   captionFileStem,
   describeHeldOut,

@@ -7,7 +7,7 @@ import { qwen3Config, qwen3LinearShapes } from "../../src/models/qwen3_weights.t
 import { initResampler, RESAMPLER_DEFAULTS } from "../../src/models/resampler.ts";
 import { readQwenPackageFiles } from "../../src/text/qwen_tokenizer.ts";
 import { baseModelRecord, saveAdapter } from "../../src/train/adapter.ts";
-import { Rng } from "../../src/train/rng.ts";
+import { Rng } from "../../src/util/rng.ts";
 import { testGpu } from "../helpers.ts";
 
 const SIZES = {

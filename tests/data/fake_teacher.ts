@@ -7,7 +7,7 @@
 import { join } from "node:path";
 import { captionHash, type CaptionRow } from "../../src/data/captions.ts";
 import type { Teacher } from "../../src/data/target_cache.ts";
-import { Rng } from "../../src/train/rng.ts";
+import { Rng } from "../../src/util/rng.ts";
 
 export interface FakeTeacherOptions {
   seqLen?: number;

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { writeSafetensors } from "../../src/io/safetensors.ts";
 import { initResampler, resamplerForward, saveResampler } from "../../src/models/resampler.ts";
-import { Rng } from "../../src/train/rng.ts";
+import { Rng } from "../../src/util/rng.ts";
 import { randn, testGpu } from "../helpers.ts";
 import { runPython, torchPython } from "./python.ts";
 

@@ -4,7 +4,7 @@ import { ModelFolder } from "../../src/io/hf.ts";
 import { SafetensorsFile, writeSafetensors } from "../../src/io/safetensors.ts";
 import { writeRandomQwen3 } from "../../src/models/random_qwen3.ts";
 import { destroyQwen3Weights, loadQwen3Weights } from "../../src/models/qwen3_weights.ts";
-import { nf4Quantize } from "../../src/models/nf4.ts";
+import { nf4Quantize } from "../../src/ops/nf4.ts";
 import { QWEN3_LINEARS } from "../../src/models/lora.ts";
 import { loadQwenTokenizer } from "../../src/text/qwen_tokenizer.ts";
 import { rejectsWith, testGpu, withTempDir } from "../helpers.ts";

@@ -23,7 +23,7 @@ import {
   saveResampler,
 } from "../../src/models/resampler.ts";
 import { resamplerForwardRef } from "../../src/models/resampler_ref.ts";
-import { Rng } from "../../src/train/rng.ts";
+import { Rng } from "../../src/util/rng.ts";
 import { dot, numericGrad } from "../ops/finite_diff.ts";
 import { assertMaxAbs, assertNmse, randn, testGpu } from "../helpers.ts";
 

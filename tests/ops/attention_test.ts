@@ -11,7 +11,7 @@ import {
   attentionRef,
   type AttentionRefShape,
 } from "../../src/ops/attention_ref.ts";
-import { Rng } from "../../src/train/rng.ts";
+import { Rng } from "../../src/util/rng.ts";
 import { assertNmse, randn, testGpu } from "../helpers.ts";
 import { dot, numericGrad } from "./finite_diff.ts";
 

@@ -8,7 +8,7 @@ import {
 } from "../../src/io/dtype.ts";
 import { embeddingGather, tableWindows } from "../../src/ops/embedding.ts";
 import { embeddingGatherRef } from "../../src/ops/embedding_ref.ts";
-import { Rng } from "../../src/train/rng.ts";
+import { Rng } from "../../src/util/rng.ts";
 import { assertNmse, randn, testGpu } from "../helpers.ts";
 
 /** A [vocab, dim] table of the given dtype and its values widened to f32. */

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import type { Gpu } from "../../src/gpu/device.ts";
 import type { Tensor } from "../../src/gpu/tensor.ts";
-import { nf4Quantize, type Nf4Quantized } from "../../src/models/nf4.ts";
+import { nf4Quantize, type Nf4Quantized } from "../../src/ops/nf4.ts";
 import {
   nf4Matmul,
   nf4MatmulInputGrad,

@@ -5,7 +5,7 @@
  */
 import type { EvalRecord, MetricsRecord, StepRecord } from "../../src/train/metrics.ts";
 import { lrFactor, warmupSteps } from "../../src/train/optim.ts";
-import { Rng } from "../../src/train/rng.ts";
+import { Rng } from "../../src/util/rng.ts";
 
 export interface SyntheticRunOptions {
   steps: number;

@@ -11,7 +11,7 @@ import { writeRandomQwen3 } from "../../src/models/random_qwen3.ts";
 import { readQwenPackageFiles } from "../../src/text/qwen_tokenizer.ts";
 import type { TrainOptions } from "../../src/train/trainer.ts";
 import { captionHash } from "../../src/data/captions.ts";
-import { Rng } from "../../src/train/rng.ts";
+import { Rng } from "../../src/util/rng.ts";
 import { fakeTeacher, type FakeTeacherOptions } from "../data/fake_teacher.ts";
 
 export const TINY_QWEN3 = {

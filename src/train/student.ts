@@ -5,19 +5,14 @@
 import type { Gpu } from "../gpu/device.ts";
 import { ModelFolder } from "../io/hf.ts";
 import { loadQwenTokenizer, type QwenTokenizer } from "../text/qwen_tokenizer.ts";
-import {
-  destroyAdapter,
-  loadAdapter,
-  readDistillConfig,
-  type TrainedAdapter,
-} from "../train/adapter.ts";
-import { studentForward } from "../train/step.ts";
+import { destroyAdapter, loadAdapter, readDistillConfig, type TrainedAdapter } from "./adapter.ts";
+import { studentForward } from "./step.ts";
 import {
   destroyQwen3Weights,
   loadQwen3Weights,
   qwen3Config,
   type Qwen3Weights,
-} from "./qwen3_weights.ts";
+} from "../models/qwen3_weights.ts";
 
 /** A loaded student: everything `encodePrompts` needs; free it with `destroyStudent`. */
 export interface Student {

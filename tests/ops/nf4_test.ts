@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { ModelFolder } from "../../src/io/hf.ts";
 import { SafetensorsFile } from "../../src/io/safetensors.ts";
-import { NF4_CODE, nf4Dequantize, nf4Quantize } from "../../src/models/nf4.ts";
+import { NF4_CODE, nf4Dequantize, nf4Quantize } from "../../src/ops/nf4.ts";
 import { randn } from "../helpers.ts";
 
 const FIXTURE = new URL("../fixtures/qwen3/", import.meta.url).pathname;

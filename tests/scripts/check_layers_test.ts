@@ -1,0 +1,30 @@
+import assert from "node:assert/strict";
+import { layerOf, upwardImports } from "../../scripts/check_layers.ts";
+
+const ROOT = "file:///p/";
+const dep = (specifier: string, line: number, kind: "code" | "type" = "code") => ({
+  [kind]: { specifier: `${ROOT}${specifier}`, span: { start: { line } } },
+});
+
+Deno.test("check_layers: upward value and type imports are named with file and line", () => {
+  const modules = [
+    {
+      specifier: `${ROOT}src/ops/a.ts`,
+      dependencies: [dep("src/gpu/d.ts", 0), dep("src/models/m.ts", 4)],
+    },
+    { specifier: `${ROOT}src/models/m.ts`, dependencies: [dep("src/train/t.ts", 2, "type")] },
+    {
+      specifier: `${ROOT}src/cli/c.ts`,
+      dependencies: [dep("src/train/t.ts", 0), dep("src/util/u.ts", 1)],
+    },
+    { specifier: `${ROOT}src/newlayer/x.ts`, dependencies: [dep("src/util/u.ts", 0)] },
+    { specifier: `${ROOT}scripts/s.ts`, dependencies: [dep("src/cli/c.ts", 0)] },
+  ];
+  assert.deepEqual(upwardImports(modules, ROOT), [
+    "src/models/m.ts:3 imports src/train/t.ts (models may import only layers below it: util, io, gpu, ops, text)",
+    "src/newlayer/x.ts:1 imports src/util/u.ts (newlayer is not a layer: add it to LAYERS in scripts/check_layers.ts)",
+    "src/ops/a.ts:5 imports src/models/m.ts (ops may import only layers below it: util, io, gpu)",
+  ]);
+  assert.equal(layerOf(`${ROOT}scripts/s.ts`, ROOT), undefined);
+  assert.equal(layerOf(`${ROOT}src/gpu/device.ts`, ROOT), "gpu");
+});
