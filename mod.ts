@@ -139,12 +139,11 @@ export {
 } from "./src/data/captions.ts";
 
 // Train: distil the student from a target cache into an adapter folder.
+export { type EvalResult } from "./src/train/evaluation.ts";
+export { type ResamplerShape, type TrainOptions } from "./src/train/options.ts";
 export {
-  type EvalResult,
-  type ResamplerShape,
   train,
   type TrainHooks,
-  type TrainOptions,
   type TrainProgress,
   type TrainResult,
 } from "./src/train/trainer.ts";
@@ -164,13 +163,20 @@ export {
 } from "./src/train/adapter.ts";
 // Live W&B tracking: `WandbRun.start(...)`, then `onMetrics: (r) => run.record(r)` in the
 // train hooks and `run.finish(exitCode)` at the end.
-export { type MetricsRecord } from "./src/train/metrics.ts";
+export {
+  type EvalRecord,
+  type GroupValues,
+  type MetricsRecord,
+  type RunRecord,
+  type StepRecord,
+} from "./src/train/metrics.ts";
 export {
   type WandbConnection,
   wandbConnection,
   WandbRun,
   type WandbRunOptions,
   type WandbStartOptions,
+  type WandbTiming,
 } from "./src/train/wandb.ts";
 
 // The command line: `main(args)` runs one command and resolves to its exit code.

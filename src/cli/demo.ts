@@ -12,7 +12,8 @@ import { type ClipTextShape, writeRandomSdxlTeacherFolder } from "../models/rand
 import { loadSdxlTeacher } from "../models/sdxl_teacher.ts";
 import { readQwenPackageFiles } from "../text/qwen_tokenizer.ts";
 import { describeHeldOut } from "../train/evaluation.ts";
-import { type EvalResult, train } from "../train/trainer.ts";
+import type { EvalResult } from "../train/evaluation.ts";
+import { train } from "../train/trainer.ts";
 import { type Command, parseCommandArgs, positiveInteger, UsageError } from "./args.ts";
 import { runCache } from "./cache.ts";
 import { runEncode } from "./encode.ts";

@@ -20,10 +20,9 @@ import {
   DEFAULT_HELD_OUT_FRACTION,
   DEFAULT_KEEP_CHECKPOINTS,
   resolveTrainConfig,
-  train,
   type TrainOptions,
-  type TrainProgress,
-} from "../train/trainer.ts";
+} from "../train/options.ts";
+import { train, type TrainProgress } from "../train/trainer.ts";
 import { type Command, parseCommandArgs, UsageError } from "./args.ts";
 import {
   explainPermission,

@@ -19,6 +19,7 @@ import { basename } from "node:path";
 import type { TargetCache } from "../data/target_cache.ts";
 import { CLIP_TOKENIZER_DIR } from "../models/random_sdxl.ts";
 import { loadClipTokenizer } from "../text/clip_tokenizer.ts";
+import type { EvalRecord } from "./metrics.ts";
 
 /** Training rows the means and the neighbour reference are taken from, at most. */
 export const REFERENCE_POOL_ROWS = 8192;
@@ -430,4 +431,136 @@ export function describeHeldOut(h: HeldOutReport): string[] {
     `  pooled ${fixed(s.top1Pooled)} (top-5 ${fixed(s.top5Pooled)}; word neighbours ` +
     `${fixed(nn.top1Pooled)})`,
   ];
+}
+
+/** Held-out evaluation: the training loss and cosine similarities to the teacher. */
+export interface EvalResult {
+  /** `lossSeq + lossPooled` over the evaluated rows. */
+  loss: number;
+  /** Mean squared error of the sequence output. */
+  lossSeq: number;
+  /** Mean squared error of the pooled output. */
+  lossPooled: number;
+  /** Mean over rows and tokens of the cosine similarity of each sequence row to the teacher's. */
+  cosSeq: number;
+  /** Mean over rows of the pooled embedding's cosine similarity to the teacher's. */
+  cosPooled: number;
+  /** Held-out rows evaluated. */
+  rows: number;
+  /** Beside the references: R², centered cosine, retrieval, spread, slices (evaluation.ts). */
+  heldOut?: HeldOutReport;
+}
+
+/** Cosine similarity as torch.nn.functional.cosine_similarity (each norm clamped to eps). */
+function cosine(a: Float32Array, b: Float32Array, offset: number, length: number): number {
+  let dot = 0;
+  let na = 0;
+  let nb = 0;
+  for (let i = offset; i < offset + length; i++) {
+    dot += a[i] * b[i];
+    na += a[i] * a[i];
+    nb += b[i] * b[i];
+  }
+  const eps = 1e-8;
+  return dot / (Math.max(Math.sqrt(na), eps) * Math.max(Math.sqrt(nb), eps));
+}
+
+/** Running sums of an evaluation, in f64. */
+export class EvalAccumulator {
+  #rows = 0;
+  #sqSeq = 0;
+  #sqPooled = 0;
+  #cosSeq = 0;
+  #cosPooled = 0;
+  #seqCount = 0;
+  #pooledCount = 0;
+  readonly #seqLen: number;
+
+  constructor(seqLen: number) {
+    this.#seqLen = seqLen;
+  }
+
+  /** One batch: `seq` [b, seqLen, seqDim] and `pooled` [b, pooledDim], student and teacher. */
+  add(
+    student: { seq: Float32Array; pooled: Float32Array },
+    teacher: { seq: Float32Array; pooled: Float32Array },
+    rows: number,
+  ): void {
+    const seqDim = student.seq.length / (rows * this.#seqLen);
+    const pooledDim = student.pooled.length / rows;
+    for (let i = 0; i < student.seq.length; i++) {
+      const d = student.seq[i] - teacher.seq[i];
+      this.#sqSeq += d * d;
+    }
+    for (let i = 0; i < student.pooled.length; i++) {
+      const d = student.pooled[i] - teacher.pooled[i];
+      this.#sqPooled += d * d;
+    }
+    for (let t = 0; t < rows * this.#seqLen; t++) {
+      this.#cosSeq += cosine(student.seq, teacher.seq, t * seqDim, seqDim);
+    }
+    for (let r = 0; r < rows; r++) {
+      this.#cosPooled += cosine(student.pooled, teacher.pooled, r * pooledDim, pooledDim);
+    }
+    this.#seqCount += student.seq.length;
+    this.#pooledCount += student.pooled.length;
+    this.#rows += rows;
+  }
+
+  result(): EvalResult {
+    const lossSeq = this.#sqSeq / this.#seqCount;
+    const lossPooled = this.#sqPooled / this.#pooledCount;
+    return {
+      loss: lossSeq + lossPooled,
+      lossSeq,
+      lossPooled,
+      cosSeq: this.#cosSeq / (this.#rows * this.#seqLen),
+      cosPooled: this.#cosPooled / this.#rows,
+      rows: this.#rows,
+    };
+  }
+}
+
+export function evalRecord(step: number, e: EvalResult): Omit<EvalRecord, "type"> {
+  const record: Omit<EvalRecord, "type"> = {
+    step,
+    heldout_loss: e.loss,
+    heldout_loss_seq: e.lossSeq,
+    heldout_loss_pooled: e.lossPooled,
+    cos_seq: e.cosSeq,
+    cos_pooled: e.cosPooled,
+  };
+  const h = e.heldOut;
+  if (!h) return record;
+  const { student: f, neighbours: nn } = h;
+  return {
+    ...record,
+    mean_loss_seq: h.meanMseSeq,
+    mean_loss_pooled: h.meanMsePooled,
+    r2_seq: f.r2Seq,
+    r2_pooled: f.r2Pooled,
+    ccos_seq: f.centeredCosSeq,
+    ccos_pooled: f.centeredCosPooled,
+    top1_seq: f.top1Seq,
+    top5_seq: f.top5Seq,
+    top1_pooled: f.top1Pooled,
+    top5_pooled: f.top5Pooled,
+    chance_top1: h.chanceTop1,
+    chance_top5: h.chanceTop5,
+    spread_seq: f.spreadSeq,
+    spread_pooled: f.spreadPooled,
+    nn_r2_seq: nn.r2Seq,
+    nn_r2_pooled: nn.r2Pooled,
+    nn_top1_seq: nn.top1Seq,
+    nn_top1_pooled: nn.top1Pooled,
+    slices: Object.fromEntries(
+      Object.entries(h.slices).map(([name, x]) => [name, {
+        rows: x.rows,
+        r2_seq: x.r2Seq,
+        r2_pooled: x.r2Pooled,
+        top1_seq: x.top1Seq,
+        top1_pooled: x.top1Pooled,
+      }]),
+    ),
+  };
 }

@@ -19,28 +19,39 @@ export const METRICS_FILE = "metrics.jsonl";
 
 /** First record of a run: what it was started with. */
 export interface RunRecord {
+  /** Record kind. */
   type: "run";
   /** ISO 8601 start time. */
   time: string;
+  /** The run's settings, the cache's identity and the sizes of what it trains. */
   config: Record<string, unknown>;
 }
 
 /** Per-group values: the two AdamW parameter groups (docs/numerics.md §5). */
 export interface GroupValues {
+  /** The resampler's parameters. */
   resampler: number;
+  /** The LoRA matrices. */
   lora: number;
 }
 
 /** One optimizer step. Losses are the step's mean over its micro-batches. */
 export interface StepRecord {
+  /** Record kind. */
   type: "step";
+  /** Optimizer steps done, this one included (1-based). */
   step: number;
+  /** 0-based epoch of this step. */
   epoch: number;
   /** Training samples seen so far, this step's included. */
   samples: number;
+  /** `loss_seq + loss_pooled`. */
   loss: number;
+  /** Mean squared error of the sequence output. */
   loss_seq: number;
+  /** Mean squared error of the pooled output. */
   loss_pooled: number;
+  /** Learning rates this step used. */
   lr: GroupValues;
   /** Pre-clip global L2 norms (docs/numerics.md §5), overall and per group. */
   grad_norm: GroupValues & { total: number };
@@ -51,50 +62,72 @@ export interface StepRecord {
    * absent in files written before batches were bucketed by length.
    */
   padding?: number;
+  /** Training samples per second over this session's steps. */
   samples_per_s: number;
   /** Training wall time so far, in seconds. */
   elapsed_s: number;
 }
 
-/** One held-out evaluation, after optimizer step `step`. */
+/**
+ * One held-out evaluation, after optimizer step `step`, beside the references of
+ * src/train/evaluation.ts. Fields after `cos_pooled` are absent in logs of older versions.
+ */
 export interface EvalRecord {
+  /** Record kind. */
   type: "eval";
+  /** Optimizer steps done when it ran (0: before training). */
   step: number;
+  /** `heldout_loss_seq + heldout_loss_pooled`. */
   heldout_loss: number;
+  /** Sequence MSE on the held-out rows. */
   heldout_loss_seq: number;
+  /** Pooled MSE on the held-out rows. */
   heldout_loss_pooled: number;
   /** Mean over tokens of the cosine similarity to the teacher's sequence embedding. */
   cos_seq: number;
   /** Cosine similarity to the teacher's pooled embedding. */
   cos_pooled: number;
-  /** The mean predictor's MSE on the same rows (src/train/evaluation.ts). */
+  /** The mean predictor's sequence MSE on the same rows. */
   mean_loss_seq?: number;
+  /** The mean predictor's pooled MSE on the same rows. */
   mean_loss_pooled?: number;
-  /** 1 - MSE / the mean predictor's MSE. */
+  /** 1 - sequence MSE / the mean predictor's. */
   r2_seq?: number;
+  /** 1 - pooled MSE / the mean predictor's. */
   r2_pooled?: number;
-  /** Cosine after subtracting the mean target. */
+  /** Cosine after subtracting the mean target, sequence flattened. */
   ccos_seq?: number;
+  /** Cosine after subtracting the mean target, pooled. */
   ccos_pooled?: number;
-  /** Retrieval among the held-out rows (null below 2 rows), with chance beside it. */
+  /** Own target ranked first among the held-out rows, sequence; null below 2 rows. */
   top1_seq?: number | null;
+  /** Own target in the first 5, sequence; null below 2 rows. */
   top5_seq?: number | null;
+  /** Own target ranked first, pooled; null below 2 rows. */
   top1_pooled?: number | null;
+  /** Own target in the first 5, pooled; null below 2 rows. */
   top5_pooled?: number | null;
+  /** Top-1 by chance; null below 2 rows. */
   chance_top1?: number | null;
+  /** Top-5 by chance; null below 2 rows. */
   chance_top5?: number | null;
-  /** Standard deviation across prompts over the teacher's. */
+  /** Standard deviation across prompts of the sequence output over the teacher's. */
   spread_seq?: number;
+  /** The same for the pooled output. */
   spread_pooled?: number;
-  /** The neighbour reference (mean target of the training captions sharing most words). */
+  /** R² of the word-neighbour reference, sequence. */
   nn_r2_seq?: number;
+  /** R² of the word-neighbour reference, pooled. */
   nn_r2_pooled?: number;
+  /** Top-1 retrieval of the word-neighbour reference, sequence. */
   nn_top1_seq?: number | null;
+  /** Top-1 retrieval of the word-neighbour reference, pooled. */
   nn_top1_pooled?: number | null;
   /** Per slice: rows, r2_seq, r2_pooled, top1_seq, top1_pooled. */
   slices?: Record<string, Record<string, number | null>>;
 }
 
+/** A line of metrics.jsonl. */
 export type MetricsRecord = RunRecord | StepRecord | EvalRecord;
 
 const NON_FINITE = new Set(["NaN", "Infinity", "-Infinity"]);

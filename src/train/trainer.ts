@@ -24,21 +24,13 @@
  * at a time may use a run folder; a later run removes what an interrupted one left.
  */
 import { basename, join } from "node:path";
+import { VERIFIED_SHARDS_FILE } from "../data/cache_verify.ts";
+import { openTargetCache, type TargetCache } from "../data/target_cache.ts";
 import { Gpu } from "../gpu/device.ts";
 import { writeFileAtomic } from "../io/atomic.ts";
-import { prepareOutputFolder } from "../io/output_path.ts";
 import { ModelFolder } from "../io/hf.ts";
-import { SafetensorsFile, writeSafetensors } from "../io/safetensors.ts";
-import { type CaptionRow, heldOutScore, splitHeldOut } from "../data/captions.ts";
-import { openTargetCache, type TargetCache, type TeacherRecord } from "../data/target_cache.ts";
-import { VERIFIED_SHARDS_FILE } from "../data/cache_verify.ts";
-import {
-  DEFAULT_LORA_CONFIG,
-  destroyLora,
-  initLora,
-  type LoraConfig,
-  QWEN3_LINEARS,
-} from "../models/lora.ts";
+import { prepareOutputFolder } from "../io/output_path.ts";
+import { destroyLora, initLora } from "../models/lora.ts";
 import type { TokenBatch } from "../models/qwen3.ts";
 import {
   checkQwen3Tensors,
@@ -52,174 +44,60 @@ import {
   checkResamplerConfig,
   destroyResampler,
   initResampler,
-  RESAMPLER_DEFAULTS,
   type ResamplerConfig,
   resamplerParamCount,
   startResamplerAtMean,
 } from "../models/resampler.ts";
-import {
-  loadQwenTokenizer,
-  QWEN_DEFAULT_MAX_TOKENS,
-  QWEN_PROMPT_MODES,
-  type QwenTokenizer,
-} from "../text/qwen_tokenizer.ts";
-import {
-  baseModelRecord,
-  type DistillConfig,
-  loadAdapter,
-  type PromptSettings,
-  saveAdapter,
-} from "./adapter.ts";
-import { type EvalRecord, MetricsLog, type MetricsRecord } from "./metrics.ts";
-import {
-  type AdamWState,
-  DEFAULT_LR,
-  DEFAULT_MAX_GRAD_NORM,
-  DEFAULT_WARMUP_RATIO,
-  DEFAULT_WEIGHT_DECAY,
-  lrFactor,
-  warmupSteps,
-} from "./optim.ts";
-import { writeReport } from "./report.ts";
-import { EPOCH_ORDER_DESCRIPTION, paddingFraction, StepOrder } from "./batching.ts";
+import { loadQwenTokenizer, type QwenTokenizer } from "../text/qwen_tokenizer.ts";
 import { Rng } from "../util/rng.ts";
+import { baseModelRecord, type DistillConfig, loadAdapter, saveAdapter } from "./adapter.ts";
+import { EPOCH_ORDER_DESCRIPTION, paddingFraction, StepOrder } from "./batching.ts";
 import {
-  captionFileStem,
+  cacheIdentity,
+  checkpointName,
+  CHECKPOINTS_DIR,
+  LATEST_FILE,
+  listCheckpoints,
+  OPTIMIZER_FILE,
+  readLatestCheckpoint,
+  readOptimizerState,
+  readResumeState,
+  removeIfPresent,
+  TRAINER_STATE_FILE,
+  TRAINER_STATE_FORMAT,
+  type TrainerState,
+  writeOptimizerState,
+} from "./checkpoint.ts";
+import {
   describeHeldOut,
+  EvalAccumulator,
+  evalRecord,
+  type EvalResult,
   HeldOutEvaluator,
-  type HeldOutReport,
   type Predictions,
   referencePool,
   targetMeans,
 } from "./evaluation.ts";
+import { MetricsLog, type MetricsRecord } from "./metrics.ts";
+import { lrFactor, warmupSteps } from "./optim.ts";
+import {
+  checkLoraTargets,
+  CHECKPOINTING_MIN_LAYERS,
+  checkResamplerFitsCache,
+  type DataSplit,
+  mixSeed,
+  resolveTrainConfig,
+  splitCacheRows,
+  splitCacheRowsByFile,
+  stepCounts,
+  type TrainConfig,
+  type TrainOptions,
+  trajectoryOf,
+} from "./options.ts";
+import { writeReport } from "./report.ts";
 import { DistillStep, type MicroBatch, studentForward, type StudentModel } from "./step.ts";
 
-export const DEFAULT_BATCH_SIZE = 16;
-/**
- * Train with `seq_bias` started at the mean target (`startResamplerAtMean`). Without it the
- * randomly initialised output projection starts ten times further from the targets than their
- * mean is, and the student spends its first hundreds of steps unlearning that while the
- * sequence output stays worse than ignoring the prompt (README, "Does it learn the prompt?").
- */
-export const DEFAULT_MEAN_START = true;
-export const DEFAULT_HELD_OUT_FRACTION = 0.05;
-export const DEFAULT_EVAL_EVERY = 200;
-export const DEFAULT_EVAL_ROWS = 256;
-export const DEFAULT_CHECKPOINT_EVERY = 500;
-export const DEFAULT_KEEP_CHECKPOINTS = 2;
-/** Models deeper than this train with gradient checkpointing unless told otherwise. */
-export const CHECKPOINTING_MIN_LAYERS = 9;
-
-export const CHECKPOINTS_DIR = "checkpoints";
-export const LATEST_FILE = "latest.json";
-export const OPTIMIZER_FILE = "optimizer.safetensors";
-export const TRAINER_STATE_FILE = "trainer_state.json";
 export const ADAPTER_DIR = "adapter";
-const TRAINER_STATE_FORMAT = "distill-trainer-state";
-
-/** The resampler sizes a run chooses; its outputs' sizes come from the cache. */
-export type ResamplerShape = Pick<
-  ResamplerConfig,
-  "dim" | "depth" | "heads" | "dimHead" | "ffMult" | "numPositions" | "seqBias"
->;
-
-/** What `train` is asked to do. Omitted fields take the defaults above and docs/numerics.md §5's. */
-export interface TrainOptions {
-  /** Target cache folder (deno task cache). */
-  cache: string;
-  /** Qwen3 model folder: config.json, safetensors weights, tokenizer.json, tokenizer_config.json. */
-  qwen: string;
-  /** Run folder. */
-  out: string;
-  /**
-   * Samples per micro-batch group. Alone: samples per optimizer step. With `gradAccum` k, each
-   * optimizer step takes k micro-batches of `batchSize` samples (k × batchSize in all).
-   */
-  batchSize?: number;
-  /**
-   * Samples per forward/backward pass (at most `batchSize`): a step of `batchSize` samples is
-   * cut into k = ceil(batchSize / microBatch) micro-batches of nearly equal size whose
-   * gradients are accumulated. Give this or `gradAccum`, not both.
-   */
-  microBatch?: number;
-  /** Micro-batches (of `batchSize` samples each) per optimizer step. */
-  gradAccum?: number;
-  /** Passes over the training rows (default 1). */
-  epochs?: number;
-  /** Stop after this many optimizer steps (the schedule spans them). */
-  maxSteps?: number;
-  /** Peak learning rate per parameter group (default 1e-4 resampler, 2e-5 LoRA). */
-  lr?: { resampler: number; lora: number };
-  /** AdamW decoupled weight decay on every trainable tensor (default 0.01). */
-  weightDecay?: number;
-  /** Clip the global gradient L2 norm to this (default 1). */
-  maxGradNorm?: number;
-  /** Share of the steps spent warming the learning rate up from 0 (default 0.03). */
-  warmupRatio?: number;
-  /** Seeds initialisation, shuffling and dropout; equal seeds give equal runs (default 0). */
-  seed?: number;
-  /** Share of the captions held out for evaluation (by caption hash); 0 disables evaluation. */
-  heldOutFraction?: number;
-  /**
-   * Instead of a fraction: hold out every row from these caption files (the file name of its
-   * id without the extension, e.g. `color_val` for `t2i/color_val.txt:12`). Rows of those files
-   * whose caption also occurs among the training rows are dropped, so no held-out caption was
-   * trained on.
-   */
-  heldOutFiles?: string[];
-  /** Evaluate every this many steps (also before the first and after the last); 0: only those. */
-  evalEvery?: number;
-  /** Evaluate on at most this many held-out rows (the same ones each time); 0: all. */
-  evalRows?: number;
-  /** Checkpoint every this many steps (and after the last); 0: only after the last. */
-  checkpointEvery?: number;
-  /** How many of the newest checkpoints to keep on disk (default 2). */
-  keepCheckpoints?: number;
-  /** LoRA hyper-parameters; missing fields take the defaults (r 16, alpha 32, q/k/v/o). */
-  lora?: Partial<LoraConfig>;
-  /** Resampler sizes; missing fields take the defaults of docs/numerics.md §4. */
-  resampler?: Partial<ResamplerShape>;
-  /** How captions become student tokens (default chat template, 256 tokens). */
-  prompt?: Partial<PromptSettings>;
-  /** Default: on when the student has more than 8 layers. */
-  gradientCheckpointing?: boolean;
-  /** Continue from `<out>/checkpoints/latest.json` (a fresh start when there is none). */
-  resume?: boolean;
-}
-
-/**
- * Everything that decides the parameters a run ends with. A resumed run must have the same
- * values, or its trajectory would differ from the one its checkpoint started.
- */
-export interface TrajectoryConfig {
-  stepBatch: number;
-  microBatches: number[];
-  epochs: number;
-  maxSteps: number | null;
-  lr: { resampler: number; lora: number };
-  weightDecay: number;
-  maxGradNorm: number;
-  warmupRatio: number;
-  seed: number;
-  heldOutFraction: number;
-  heldOutFiles: string[];
-  lora: LoraConfig;
-  resampler: ResamplerShape;
-  prompt: PromptSettings;
-}
-
-/** The options with every default filled in and checked. */
-export interface TrainConfig extends TrajectoryConfig {
-  cache: string;
-  qwen: string;
-  out: string;
-  evalEvery: number;
-  evalRows: number;
-  checkpointEvery: number;
-  keepCheckpoints: number;
-  gradientCheckpointing: boolean | "auto";
-  resume: boolean;
-}
 
 /** Where training stands after an optimizer step, as `TrainHooks.onProgress` gets it. */
 export interface TrainProgress {
@@ -261,24 +139,6 @@ export interface TrainHooks {
   onMetrics?: (record: MetricsRecord) => void;
 }
 
-/** Held-out evaluation: the training loss and cosine similarities to the teacher. */
-export interface EvalResult {
-  /** `lossSeq + lossPooled` over the evaluated rows. */
-  loss: number;
-  /** Mean squared error of the sequence output. */
-  lossSeq: number;
-  /** Mean squared error of the pooled output. */
-  lossPooled: number;
-  /** Mean over rows and tokens of the cosine similarity of each sequence row to the teacher's. */
-  cosSeq: number;
-  /** Mean over rows of the pooled embedding's cosine similarity to the teacher's. */
-  cosPooled: number;
-  /** Held-out rows evaluated. */
-  rows: number;
-  /** Beside the references: R², centered cosine, retrieval, spread, slices (evaluation.ts). */
-  heldOut?: HeldOutReport;
-}
-
 /** What a finished `train` run produced. */
 export interface TrainResult {
   /** Optimizer steps of the whole run. */
@@ -291,526 +151,8 @@ export interface TrainResult {
   evalAfter: EvalResult | null;
 }
 
-/** Which cache a run trained on: a resumed run must read the same teacher and rows. */
-export interface CacheIdentity {
-  dir: string;
-  teacher: TeacherRecord;
-  rows: number;
-  rowsSha256: string;
-}
-
-/** `trainer_state.json` of a checkpoint. */
-export interface TrainerState {
-  format: typeof TRAINER_STATE_FORMAT;
-  version: 1;
-  /** Optimizer steps done. */
-  step: number;
-  totalSteps: number;
-  /** Epoch (0-based) the next step belongs to, and how many of its samples are done. */
-  epoch: number;
-  position: number;
-  samples: number;
-  /**
-   * The random streams are functions of (seed, epoch) and (seed, step, micro-batch), so the
-   * seed and the step are their whole state.
-   */
-  rng: { seed: number; epochOrder: string; dropout: string };
-  config: TrajectoryConfig;
-  cache: CacheIdentity;
-  baseModel: DistillConfig["baseModel"];
-  prompt: PromptSettings;
-  /** Lines of metrics.jsonl at this step (the log is cut back to them on resume). */
-  metricsLines: number;
-  elapsedSeconds: number;
-  evalBefore: EvalResult | null;
-}
-
-function positiveInteger(name: string, value: number): number {
-  if (!Number.isSafeInteger(value) || value < 1) {
-    throw new Error(`${name} must be a positive integer (got ${value})`);
-  }
-  return value;
-}
-
-function nonNegativeInteger(name: string, value: number): number {
-  if (!Number.isSafeInteger(value) || value < 0) {
-    throw new Error(`${name} must be an integer >= 0 (got ${value})`);
-  }
-  return value;
-}
-
-function nonNegativeNumber(name: string, value: number): number {
-  if (!(Number.isFinite(value) && value >= 0)) {
-    throw new Error(`${name} must be a number >= 0 (got ${value})`);
-  }
-  return value;
-}
-
-/**
- * Samples per micro-batch: `stepBatch` cut into ceil(stepBatch / micro) parts whose sizes
- * differ by at most one (16 by 6 gives 6, 5, 5), so no micro-batch is a runt.
- */
-export function microBatchSizes(stepBatch: number, micro: number): number[] {
-  const k = Math.ceil(stepBatch / micro);
-  const base = Math.floor(stepBatch / k);
-  return Array.from({ length: k }, (_, i) => base + (i < stepBatch % k ? 1 : 0));
-}
-
-/** Fills in defaults and checks every value; errors name the option. */
-export function resolveTrainConfig(options: TrainOptions): TrainConfig {
-  for (const key of ["cache", "qwen", "out"] as const) {
-    if (!options[key]) throw new Error(`train: the ${key} folder is required`);
-  }
-  const batchSize = positiveInteger("batchSize", options.batchSize ?? DEFAULT_BATCH_SIZE);
-  let stepBatch = batchSize;
-  let micro = batchSize;
-  if (options.gradAccum !== undefined && options.microBatch !== undefined) {
-    throw new Error(
-      `give microBatch (${options.microBatch}) or gradAccum (${options.gradAccum}), not both: ` +
-        `microBatch m splits each batch of batchSize samples into ceil(batchSize / m) ` +
-        `micro-batches; gradAccum k takes k micro-batches of batchSize samples per step`,
-    );
-  }
-  if (options.gradAccum !== undefined) {
-    stepBatch = batchSize * positiveInteger("gradAccum", options.gradAccum);
-  } else if (options.microBatch !== undefined) {
-    micro = positiveInteger("microBatch", options.microBatch);
-    if (micro > batchSize) {
-      throw new Error(`microBatch ${micro} is larger than batchSize ${batchSize}`);
-    }
-  }
-  const lr = options.lr ?? { ...DEFAULT_LR };
-  for (const group of ["resampler", "lora"] as const) nonNegativeNumber(`lr.${group}`, lr[group]);
-  const lora: LoraConfig = {
-    r: options.lora?.r ?? DEFAULT_LORA_CONFIG.r,
-    alpha: options.lora?.alpha ?? DEFAULT_LORA_CONFIG.alpha,
-    dropout: options.lora?.dropout ?? DEFAULT_LORA_CONFIG.dropout,
-    targetModules: [...(options.lora?.targetModules ?? DEFAULT_LORA_CONFIG.targetModules)],
-  };
-  const resampler: ResamplerShape = {
-    dim: options.resampler?.dim ?? RESAMPLER_DEFAULTS.dim,
-    depth: options.resampler?.depth ?? RESAMPLER_DEFAULTS.depth,
-    heads: options.resampler?.heads ?? RESAMPLER_DEFAULTS.heads,
-    dimHead: options.resampler?.dimHead ?? RESAMPLER_DEFAULTS.dimHead,
-    ffMult: options.resampler?.ffMult ?? RESAMPLER_DEFAULTS.ffMult,
-    numPositions: nonNegativeInteger(
-      "resampler.numPositions",
-      options.resampler?.numPositions ?? RESAMPLER_DEFAULTS.numPositions,
-    ),
-    seqBias: options.resampler?.seqBias ?? DEFAULT_MEAN_START,
-  };
-  const prompt: PromptSettings = {
-    mode: options.prompt?.mode ?? "chat",
-    maxTokens: positiveInteger(
-      "prompt.maxTokens",
-      options.prompt?.maxTokens ?? QWEN_DEFAULT_MAX_TOKENS,
-    ),
-  };
-  if (resampler.numPositions > 0 && resampler.numPositions < prompt.maxTokens) {
-    throw new Error(
-      `resampler.numPositions ${resampler.numPositions} is below prompt.maxTokens ` +
-        `${prompt.maxTokens}: the resampler needs a position for every prompt token`,
-    );
-  }
-  if (!QWEN_PROMPT_MODES.includes(prompt.mode)) {
-    throw new Error(
-      `prompt mode '${prompt.mode}' is not one of ${QWEN_PROMPT_MODES.join(", ")}`,
-    );
-  }
-  const heldOutFraction = options.heldOutFraction ?? DEFAULT_HELD_OUT_FRACTION;
-  if (!(heldOutFraction >= 0 && heldOutFraction < 1)) {
-    throw new Error(`heldOutFraction must be in [0, 1) (got ${heldOutFraction})`);
-  }
-  const warmupRatio = options.warmupRatio ?? DEFAULT_WARMUP_RATIO;
-  if (!(warmupRatio >= 0 && warmupRatio <= 1)) {
-    throw new Error(`warmupRatio must be in [0, 1] (got ${warmupRatio})`);
-  }
-  return {
-    cache: options.cache,
-    qwen: options.qwen,
-    out: options.out,
-    stepBatch,
-    microBatches: microBatchSizes(stepBatch, micro),
-    epochs: positiveInteger("epochs", options.epochs ?? 1),
-    maxSteps: options.maxSteps === undefined ? null : positiveInteger("maxSteps", options.maxSteps),
-    lr: { resampler: lr.resampler, lora: lr.lora },
-    weightDecay: nonNegativeNumber("weightDecay", options.weightDecay ?? DEFAULT_WEIGHT_DECAY),
-    maxGradNorm: nonNegativeNumber("maxGradNorm", options.maxGradNorm ?? DEFAULT_MAX_GRAD_NORM),
-    warmupRatio,
-    seed: nonNegativeInteger("seed", options.seed ?? 0) >>> 0,
-    heldOutFraction,
-    heldOutFiles: [...(options.heldOutFiles ?? [])],
-    lora,
-    resampler,
-    prompt,
-    evalEvery: nonNegativeInteger("evalEvery", options.evalEvery ?? DEFAULT_EVAL_EVERY),
-    evalRows: nonNegativeInteger("evalRows", options.evalRows ?? DEFAULT_EVAL_ROWS),
-    checkpointEvery: nonNegativeInteger(
-      "checkpointEvery",
-      options.checkpointEvery ?? DEFAULT_CHECKPOINT_EVERY,
-    ),
-    keepCheckpoints: positiveInteger(
-      "keepCheckpoints",
-      options.keepCheckpoints ?? DEFAULT_KEEP_CHECKPOINTS,
-    ),
-    gradientCheckpointing: options.gradientCheckpointing ?? "auto",
-    resume: options.resume ?? false,
-  };
-}
-
-/** The trajectory fields alone: what a checkpoint stores and a resumed run must match. */
-export function trajectoryOf(c: TrainConfig): TrajectoryConfig {
-  return {
-    stepBatch: c.stepBatch,
-    microBatches: c.microBatches,
-    epochs: c.epochs,
-    maxSteps: c.maxSteps,
-    lr: c.lr,
-    weightDecay: c.weightDecay,
-    maxGradNorm: c.maxGradNorm,
-    warmupRatio: c.warmupRatio,
-    seed: c.seed,
-    heldOutFraction: c.heldOutFraction,
-    heldOutFiles: c.heldOutFiles,
-    lora: c.lora,
-    resampler: c.resampler,
-    prompt: c.prompt,
-  };
-}
-
-/** A u32 from several integers (murmur3's finaliser after each), for seeding streams. */
-export function mixSeed(...values: number[]): number {
-  let h = 0x9e3779b9;
-  for (const v of values) {
-    h = Math.imul(h ^ (v >>> 0), 0x85ebca6b);
-    h ^= h >>> 13;
-    h = Math.imul(h, 0xc2b2ae35);
-    h ^= h >>> 16;
-  }
-  return h >>> 0;
-}
-
 /** Stream tags, so the streams of one seed differ. */
 const STREAM = { epochOrder: 1, dropout: 2, loraInit: 3, resamplerInit: 4 } as const;
-
-/** Row indices of the cache for training and for evaluation. */
-export interface DataSplit {
-  train: number[];
-  heldOut: number[];
-  warnings: string[];
-}
-
-/**
- * Splits the cache rows by caption hash (`splitHeldOut`). A positive fraction that leaves no
- * row held out (a small cache) holds out the one row with the lowest score instead, and says so.
- */
-export function splitCacheRows(captions: readonly string[], fraction: number): DataSplit {
-  const rows: CaptionRow[] = captions.map((caption, i) => ({
-    id: String(i),
-    caption,
-    source: "cache",
-  }));
-  const index = new Map(rows.map((row, i) => [row, i]));
-  const split = splitHeldOut(rows, { fraction });
-  const warnings: string[] = [];
-  let heldOut = split.heldOut.map((row) => index.get(row)!);
-  let train = split.train.map((row) => index.get(row)!);
-  if (fraction > 0 && heldOut.length === 0 && captions.length > 1) {
-    // The caption the hash ranks first: the one a slightly larger fraction would hold out.
-    let best = 0;
-    for (let i = 1; i < captions.length; i++) {
-      if (heldOutScore(captions[i]) < heldOutScore(captions[best])) best = i;
-    }
-    heldOut = [best];
-    train = train.filter((i) => i !== best);
-    warnings.push(
-      `held-out fraction ${fraction} of ${captions.length} captions holds out none; ` +
-        `evaluating on 1 caption instead (row ${best}). Use a larger fraction for a ` +
-        `meaningful held-out loss, or 0 to train without one`,
-    );
-  }
-  return { train, heldOut, warnings };
-}
-
-/**
- * Holds out the rows of the caption files `files` (see `TrainOptions.heldOutFiles`), ordered by
- * caption hash so any first n of them are a random sample; a held-out caption that also occurs
- * among the training rows is dropped from both sides.
- */
-export function splitCacheRowsByFile(
-  ids: readonly string[],
-  captions: readonly string[],
-  files: readonly string[],
-): DataSplit {
-  const wanted = new Set(files);
-  const train: number[] = [];
-  const candidates: number[] = [];
-  ids.forEach((id, i) => (wanted.has(captionFileStem(id)) ? candidates : train).push(i));
-  const found = new Set(candidates.map((i) => captionFileStem(ids[i])));
-  const missing = files.filter((f) => !found.has(f));
-  if (missing.length) {
-    throw new Error(
-      `held-out files ${missing.join(", ")} hold no row of the cache; its files are ` +
-        `${[...new Set(ids.map(captionFileStem))].slice(0, 12).join(", ")}`,
-    );
-  }
-  const trained = new Set(train.map((i) => captions[i]));
-  const heldOut = candidates.filter((i) => !trained.has(captions[i]))
-    .sort((a, b) => heldOutScore(captions[a]) - heldOutScore(captions[b]) || a - b);
-  const dropped = candidates.length - heldOut.length;
-  return {
-    train,
-    heldOut,
-    warnings: dropped
-      ? [`${dropped} held-out rows repeat a training caption and are left out of both sides`]
-      : [],
-  };
-}
-
-/** Optimizer steps per epoch (the last incomplete batch of an epoch is dropped) and in all. */
-export function stepCounts(
-  trainRows: number,
-  config: Pick<TrajectoryConfig, "stepBatch" | "epochs" | "maxSteps">,
-): { stepsPerEpoch: number; totalSteps: number } {
-  const stepsPerEpoch = Math.floor(trainRows / config.stepBatch);
-  const all = stepsPerEpoch * config.epochs;
-  return {
-    stepsPerEpoch,
-    totalSteps: config.maxSteps === null ? all : Math.min(all, config.maxSteps),
-  };
-}
-
-/** Cosine similarity as torch.nn.functional.cosine_similarity (each norm clamped to eps). */
-function cosine(a: Float32Array, b: Float32Array, offset: number, length: number): number {
-  let dot = 0;
-  let na = 0;
-  let nb = 0;
-  for (let i = offset; i < offset + length; i++) {
-    dot += a[i] * b[i];
-    na += a[i] * a[i];
-    nb += b[i] * b[i];
-  }
-  const eps = 1e-8;
-  return dot / (Math.max(Math.sqrt(na), eps) * Math.max(Math.sqrt(nb), eps));
-}
-
-/** Running sums of an evaluation, in f64. */
-export class EvalAccumulator {
-  #rows = 0;
-  #sqSeq = 0;
-  #sqPooled = 0;
-  #cosSeq = 0;
-  #cosPooled = 0;
-  #seqCount = 0;
-  #pooledCount = 0;
-  readonly #seqLen: number;
-
-  constructor(seqLen: number) {
-    this.#seqLen = seqLen;
-  }
-
-  /** One batch: `seq` [b, seqLen, seqDim] and `pooled` [b, pooledDim], student and teacher. */
-  add(
-    student: { seq: Float32Array; pooled: Float32Array },
-    teacher: { seq: Float32Array; pooled: Float32Array },
-    rows: number,
-  ): void {
-    const seqDim = student.seq.length / (rows * this.#seqLen);
-    const pooledDim = student.pooled.length / rows;
-    for (let i = 0; i < student.seq.length; i++) {
-      const d = student.seq[i] - teacher.seq[i];
-      this.#sqSeq += d * d;
-    }
-    for (let i = 0; i < student.pooled.length; i++) {
-      const d = student.pooled[i] - teacher.pooled[i];
-      this.#sqPooled += d * d;
-    }
-    for (let t = 0; t < rows * this.#seqLen; t++) {
-      this.#cosSeq += cosine(student.seq, teacher.seq, t * seqDim, seqDim);
-    }
-    for (let r = 0; r < rows; r++) {
-      this.#cosPooled += cosine(student.pooled, teacher.pooled, r * pooledDim, pooledDim);
-    }
-    this.#seqCount += student.seq.length;
-    this.#pooledCount += student.pooled.length;
-    this.#rows += rows;
-  }
-
-  result(): EvalResult {
-    const lossSeq = this.#sqSeq / this.#seqCount;
-    const lossPooled = this.#sqPooled / this.#pooledCount;
-    return {
-      loss: lossSeq + lossPooled,
-      lossSeq,
-      lossPooled,
-      cosSeq: this.#cosSeq / (this.#rows * this.#seqLen),
-      cosPooled: this.#cosPooled / this.#rows,
-      rows: this.#rows,
-    };
-  }
-}
-
-/** Throws unless the resampler's outputs have the shapes of the cache's targets. */
-export function checkResamplerFitsCache(
-  config: ResamplerConfig,
-  cache: Pick<TargetCache, "dir" | "seqLen" | "seqDim" | "pooledDim">,
-  where: string,
-): void {
-  const have = `seq [${config.numQueries}, ${config.dimSeq}], pooled [${config.dimPooled}]`;
-  const want = `seq [${cache.seqLen}, ${cache.seqDim}], pooled [${cache.pooledDim}]`;
-  if (have !== want) {
-    throw new Error(
-      `${where}: the resampler outputs ${have} but the cache ${cache.dir} holds targets ` +
-        `${want}; a resampler can only be trained on targets of its own shapes`,
-    );
-  }
-}
-
-/** Throws unless every LoRA target is a decoder linear of the student in `qwenDir`. */
-export function checkLoraTargets(targets: readonly string[], qwenDir: string): void {
-  if (targets.length === 0) {
-    throw new Error(`LoRA needs at least one target module (e.g. q_proj,k_proj,v_proj,o_proj)`);
-  }
-  for (const target of targets) {
-    if (!(target in QWEN3_LINEARS)) {
-      throw new Error(
-        `LoRA target module '${target}' is not a linear layer of the Qwen3 in ${qwenDir}: ` +
-          `its decoder layers have ${Object.keys(QWEN3_LINEARS).join(", ")}`,
-      );
-    }
-  }
-}
-
-function cacheIdentity(cache: TargetCache): CacheIdentity {
-  return {
-    dir: cache.dir,
-    teacher: cache.teacher,
-    rows: cache.rows,
-    rowsSha256: cache.manifest.rowsSha256,
-  };
-}
-
-function describeCache(c: CacheIdentity): string {
-  const identity = Object.entries(c.teacher.identity).map(([k, v]) => `${k}=${v}`).join(", ");
-  return `${c.dir} (teacher ${identity}; targets [${c.teacher.seqLen}, ${c.teacher.seqDim}] + ` +
-    `[${c.teacher.pooledDim}]; ${c.rows} rows, rows sha256 ${c.rowsSha256.slice(0, 16)}...)`;
-}
-
-/** The differences between two JSON-like values, as `path: a vs b` lines. */
-function differences(a: unknown, b: unknown, path = ""): string[] {
-  if (
-    typeof a === "object" && a !== null && typeof b === "object" && b !== null &&
-    !Array.isArray(a) && !Array.isArray(b)
-  ) {
-    const keys = [...new Set([...Object.keys(a), ...Object.keys(b)])];
-    return keys.flatMap((k) =>
-      differences(
-        (a as Record<string, unknown>)[k],
-        (b as Record<string, unknown>)[k],
-        path ? `${path}.${k}` : k,
-      )
-    );
-  }
-  return JSON.stringify(a) === JSON.stringify(b)
-    ? []
-    : [`${path}: ${JSON.stringify(a)} (checkpoint) vs ${JSON.stringify(b)} (now)`];
-}
-
-function checkpointName(step: number): string {
-  return `step-${String(step).padStart(7, "0")}`;
-}
-
-async function readJson<T>(path: string, what: string): Promise<T> {
-  let text: string;
-  try {
-    text = await Deno.readTextFile(path);
-  } catch (err) {
-    if (err instanceof Deno.errors.NotFound) throw new Error(`${path} not found (${what})`);
-    throw err;
-  }
-  try {
-    return JSON.parse(text) as T;
-  } catch (err) {
-    throw new Error(`${path}: invalid JSON (${(err as Error).message}); ${what}`);
-  }
-}
-
-/** `checkpoints/latest.json`, or undefined when the run has no checkpoint. */
-export async function readLatestCheckpoint(
-  out: string,
-): Promise<{ step: number; dir: string } | undefined> {
-  const path = join(out, CHECKPOINTS_DIR, LATEST_FILE);
-  try {
-    await Deno.stat(path);
-  } catch (err) {
-    if (err instanceof Deno.errors.NotFound) return undefined;
-    throw err;
-  }
-  const latest = await readJson<{ step: number; dir: string }>(path, "the newest checkpoint");
-  if (!Number.isSafeInteger(latest.step) || typeof latest.dir !== "string") {
-    throw new Error(`${path}: expected {"step": <n>, "dir": "step-..."}`);
-  }
-  return { step: latest.step, dir: join(out, CHECKPOINTS_DIR, latest.dir) };
-}
-
-async function removeIfPresent(path: string): Promise<void> {
-  await Deno.remove(path, { recursive: true }).catch((err) => {
-    if (!(err instanceof Deno.errors.NotFound)) throw err;
-  });
-}
-
-/** Checkpoint folders by step, and leftover temp folders of interrupted writes. */
-async function listCheckpoints(root: string): Promise<{ steps: number[]; temps: string[] }> {
-  const steps: number[] = [];
-  const temps: string[] = [];
-  try {
-    for await (const entry of Deno.readDir(root)) {
-      const m = /^step-(\d+)$/.exec(entry.name);
-      if (m && entry.isDirectory) steps.push(Number(m[1]));
-      if (entry.name.startsWith(".tmp-")) temps.push(entry.name);
-    }
-  } catch (err) {
-    if (!(err instanceof Deno.errors.NotFound)) throw err;
-  }
-  return { steps: steps.sort((a, b) => a - b), temps };
-}
-
-async function writeOptimizerState(path: string, state: AdamWState): Promise<void> {
-  const tensors = [];
-  for (const [moment, values] of [["exp_avg", state.m], ["exp_avg_sq", state.v]] as const) {
-    for (const [name, data] of values) {
-      tensors.push({
-        name: `${moment}/${name}`,
-        dtype: "F32" as const,
-        shape: [data.length],
-        data,
-      });
-    }
-  }
-  await writeSafetensors(path, tensors, { format: "distill-adamw", step: String(state.step) });
-}
-
-async function readOptimizerState(path: string): Promise<AdamWState> {
-  const file = await SafetensorsFile.open(path);
-  try {
-    const step = Number(file.metadata.step);
-    if (file.metadata.format !== "distill-adamw" || !Number.isSafeInteger(step)) {
-      throw new Error(`${path}: not an optimizer state written by distill train`);
-    }
-    const m = new Map<string, Float32Array>();
-    const v = new Map<string, Float32Array>();
-    for (const key of file.names()) {
-      const slash = key.indexOf("/");
-      const moment = key.slice(0, slash);
-      const target = moment === "exp_avg" ? m : moment === "exp_avg_sq" ? v : undefined;
-      if (!target) throw new Error(`${path}: unexpected tensor '${key}'`);
-      target.set(key.slice(slash + 1), await file.readF32(key));
-    }
-    return { step, m, v };
-  } finally {
-    file.close();
-  }
-}
 
 interface Session {
   config: TrainConfig;
@@ -974,91 +316,6 @@ async function saveFinalAdapter(s: Session, training: Record<string, unknown>): 
   await removeIfPresent(dir);
   await Deno.rename(tmp, dir);
   return dir;
-}
-
-function evalRecord(step: number, e: EvalResult): Omit<EvalRecord, "type"> {
-  const record: Omit<EvalRecord, "type"> = {
-    step,
-    heldout_loss: e.loss,
-    heldout_loss_seq: e.lossSeq,
-    heldout_loss_pooled: e.lossPooled,
-    cos_seq: e.cosSeq,
-    cos_pooled: e.cosPooled,
-  };
-  const h = e.heldOut;
-  if (!h) return record;
-  const { student: f, neighbours: nn } = h;
-  return {
-    ...record,
-    mean_loss_seq: h.meanMseSeq,
-    mean_loss_pooled: h.meanMsePooled,
-    r2_seq: f.r2Seq,
-    r2_pooled: f.r2Pooled,
-    ccos_seq: f.centeredCosSeq,
-    ccos_pooled: f.centeredCosPooled,
-    top1_seq: f.top1Seq,
-    top5_seq: f.top5Seq,
-    top1_pooled: f.top1Pooled,
-    top5_pooled: f.top5Pooled,
-    chance_top1: h.chanceTop1,
-    chance_top5: h.chanceTop5,
-    spread_seq: f.spreadSeq,
-    spread_pooled: f.spreadPooled,
-    nn_r2_seq: nn.r2Seq,
-    nn_r2_pooled: nn.r2Pooled,
-    nn_top1_seq: nn.top1Seq,
-    nn_top1_pooled: nn.top1Pooled,
-    slices: Object.fromEntries(
-      Object.entries(h.slices).map(([name, x]) => [name, {
-        rows: x.rows,
-        r2_seq: x.r2Seq,
-        r2_pooled: x.r2Pooled,
-        top1_seq: x.top1Seq,
-        top1_pooled: x.top1Pooled,
-      }]),
-    ),
-  };
-}
-
-/** What a resumed run reads from its checkpoint, checked against this run. */
-async function readResumeState(
-  dir: string,
-  config: TrainConfig,
-  cache: TargetCache,
-  baseModel: DistillConfig["baseModel"],
-): Promise<TrainerState> {
-  const path = join(dir, TRAINER_STATE_FILE);
-  const state = await readJson<TrainerState>(path, "written with each checkpoint");
-  if (state.format !== TRAINER_STATE_FORMAT || state.version !== 1) {
-    throw new Error(`${path}: not a trainer state of this version of distill train`);
-  }
-  const now = cacheIdentity(cache);
-  if (
-    JSON.stringify(state.cache.teacher) !== JSON.stringify(now.teacher) ||
-    state.cache.rowsSha256 !== now.rowsSha256
-  ) {
-    throw new Error(
-      `cannot resume ${config.out}: its checkpoint ${dir} was trained on the cache ` +
-        `${describeCache(state.cache)}, but this run reads ${describeCache(now)}. Resume with ` +
-        `--cache ${state.cache.dir}, or start a new run in another --out folder`,
-    );
-  }
-  const changed = [
-    ...(state.rng.epochOrder === EPOCH_ORDER_DESCRIPTION
-      ? []
-      : [`epoch order: ${state.rng.epochOrder} (this version: ${EPOCH_ORDER_DESCRIPTION})`]),
-    ...differences(state.config, trajectoryOf(config)),
-    ...differences(state.baseModel, baseModel).map((d) => `base model ${d}`),
-  ];
-  if (changed.length) {
-    throw new Error(
-      `cannot resume ${config.out} from ${dir}: these settings differ from the ones it was ` +
-        `trained with, so the run would not continue the same trajectory:\n  ` +
-        `${changed.join("\n  ")}\nRerun with the checkpoint's settings, or start a new run ` +
-        `in another --out folder`,
-    );
-  }
-  return state;
 }
 
 function etaOf(stepsLeft: number, secondsPerStep: number): number {

@@ -36,16 +36,19 @@ export const SUMMARY_FILE = "wandb-summary.json";
 export interface WandbConnection {
   /** Origin and optional path prefix, without a trailing slash. */
   baseUrl: string;
+  /** The API key; never written to disk or to a log line. */
   apiKey: string;
 }
 
 /** Which W&B run to log to. */
 export interface WandbRunOptions {
+  /** The W&B project. */
   project: string;
   /** Default: the key owner's default entity. */
   entity?: string;
   /** Display name; default: W&B picks one. */
   name?: string;
+  /** Tags shown with the run. */
   tags?: string[];
 }
 
@@ -65,6 +68,7 @@ export interface WandbState {
   last_step: number;
 }
 
+/** How often queued rows are sent and how failed requests are retried. */
 export interface WandbTiming {
   /** Send queued rows at least this often (default 15 s). */
   flushIntervalMs?: number;
@@ -270,6 +274,7 @@ export class WandbRun {
     return `${app}/${this.state.entity}/${this.state.project}/runs/${this.state.run_id}`;
   }
 
+  /** The W&B run id (kept in `<runDir>/wandb.json` for a resumed run). */
   get runId(): string {
     return this.state.run_id;
   }
@@ -337,6 +342,7 @@ export class WandbRun {
     return unsent;
   }
 
+  /** Stops sending for the rest of the run (rows stay in metrics.jsonl for wandb-sync). */
   private goOffline(reason: string): void {
     this.refused = reason;
     this.options.log(`wandb: warning: ${reason}; training goes on without W&B`);
@@ -352,6 +358,7 @@ export class WandbRun {
     return this.saving;
   }
 
+  /** Sends the queued history rows and the summary (and, with `final`, the run's end). */
   private async send(final?: { exitCode: number }): Promise<void> {
     if (this.refused || !this.stateWritten) return;
     try {
@@ -396,6 +403,7 @@ export class WandbRun {
     }
   }
 
+  /** Creates or updates the run with its name, tags and config (GraphQL `upsertBucket`). */
   private async upsert(): Promise<void> {
     const s = this.state;
     const bucket = await this.graphql(UPSERT_BUCKET, {
@@ -413,6 +421,7 @@ export class WandbRun {
     this.upserted = true;
   }
 
+  /** One GraphQL call, retried on network errors, 429 and 5xx. */
   private async graphql(query: string, variables: Json, retries?: number): Promise<Json> {
     const body = await this.post("graphql", { query, variables }, retries) as {
       data?: Json;
@@ -440,6 +449,7 @@ export class WandbRun {
     }
   }
 
+  /** One authenticated POST; throws with the status on an HTTP error. */
   private async postOnce(url: string, payload: Json): Promise<unknown> {
     let response: Response;
     let text: string;

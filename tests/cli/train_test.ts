@@ -10,7 +10,7 @@ import {
   trainProgressLine,
   withFlagNames,
 } from "../../src/cli/train.ts";
-import { resolveTrainConfig } from "../../src/train/trainer.ts";
+import { resolveTrainConfig } from "../../src/train/options.ts";
 import { assertLinkRefused, rejectsWith } from "../helpers.ts";
 
 const REQUIRED = ["--cache", "cache/c", "--qwen", "models/q", "--out", "runs/r"];

@@ -10,7 +10,7 @@ import {
   sliceNames,
   targetMeans,
 } from "../../src/train/evaluation.ts";
-import { splitCacheRowsByFile } from "../../src/train/trainer.ts";
+import { splitCacheRowsByFile } from "../../src/train/options.ts";
 import { withTempDir } from "../helpers.ts";
 import { wordTeacher, writeCache } from "./tiny_run.ts";
 

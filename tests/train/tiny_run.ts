@@ -9,7 +9,7 @@ import type { CaptionRow } from "../../src/data/captions.ts";
 import { buildTargetCache, type Teacher } from "../../src/data/target_cache.ts";
 import { writeRandomQwen3 } from "../../src/models/random_qwen3.ts";
 import { readQwenPackageFiles } from "../../src/text/qwen_tokenizer.ts";
-import type { TrainOptions } from "../../src/train/trainer.ts";
+import type { TrainOptions } from "../../src/train/options.ts";
 import { captionHash } from "../../src/data/captions.ts";
 import { Rng } from "../../src/util/rng.ts";
 import { fakeTeacher, type FakeTeacherOptions } from "../data/fake_teacher.ts";

@@ -4,7 +4,8 @@
  * so the parent can SIGKILL it part-way through a run, between or inside steps. The device is
  * made as the parent's (`testGpu`, honouring DISTILL_DISABLE), so both run the same kernels.
  */
-import { train, type TrainOptions } from "../../src/train/trainer.ts";
+import { train } from "../../src/train/trainer.ts";
+import type { TrainOptions } from "../../src/train/options.ts";
 import { testGpu } from "../helpers.ts";
 
 const options = JSON.parse(Deno.args[0]) as TrainOptions;

@@ -13,14 +13,14 @@ import { destroyAdapter, loadAdapter } from "../../src/train/adapter.ts";
 import { type MetricsRecord, readMetrics } from "../../src/train/metrics.ts";
 import {
   checkResamplerFitsCache,
-  EvalAccumulator,
   microBatchSizes,
-  readLatestCheckpoint,
   resolveTrainConfig,
   splitCacheRows,
-  train,
   type TrainOptions,
-} from "../../src/train/trainer.ts";
+} from "../../src/train/options.ts";
+import { EvalAccumulator } from "../../src/train/evaluation.ts";
+import { readLatestCheckpoint } from "../../src/train/checkpoint.ts";
+import { train } from "../../src/train/trainer.ts";
 import { testGpu } from "../helpers.ts";
 import { readTree } from "../data/fake_teacher.ts";
 import { promptRows, tinyOptions, wordTeacher, writeCache, writeTinySetup } from "./tiny_run.ts";
