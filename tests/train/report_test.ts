@@ -8,7 +8,8 @@ import {
   readMetrics,
   type StepRecord,
 } from "../../src/train/metrics.ts";
-import { formatNumber, renderReport, REPORT_FILE, writeReport } from "../../src/train/report.ts";
+import { formatNumber } from "../../src/train/chart.ts";
+import { renderReport, REPORT_FILE, writeReport } from "../../src/train/report.ts";
 import { syntheticRun } from "./synthetic_run.ts";
 
 /** A data point's dot (legend dots have no tooltip). */
