@@ -89,7 +89,8 @@ export {
   type LoraPair,
   QWEN3_LINEARS,
 } from "./src/models/lora.ts";
-export { type ResamplerConfig, type ResamplerWeights } from "./src/models/resampler.ts";
+export { type ResamplerConfig } from "./src/models/resampler_config.ts";
+export { type ResamplerWeights } from "./src/models/resampler_weights.ts";
 export {
   type EncodedFile,
   type EncodeOptions,

@@ -33,9 +33,9 @@ import {
 import {
   destroyResampler,
   initResampler,
-  RESAMPLER_DEFAULTS,
   resamplerParamCount,
-} from "../src/models/resampler.ts";
+} from "../src/models/resampler_weights.ts";
+import { RESAMPLER_DEFAULTS } from "../src/models/resampler_config.ts";
 import { loadQwenTokenizer } from "../src/text/qwen_tokenizer.ts";
 import { Rng } from "../src/util/rng.ts";
 import { DistillStep, type MicroBatch, type StudentModel } from "../src/train/step.ts";

@@ -18,7 +18,8 @@ import {
   type Qwen3Weights,
 } from "../models/qwen3_weights.ts";
 import { writeRandomQwen3 } from "../models/random_qwen3.ts";
-import { destroyResampler, initResampler, RESAMPLER_DEFAULTS } from "../models/resampler.ts";
+import { destroyResampler, initResampler } from "../models/resampler_weights.ts";
+import { RESAMPLER_DEFAULTS } from "../models/resampler_config.ts";
 import { Rng } from "../util/rng.ts";
 import { DistillStep, type MicroBatch } from "../train/step.ts";
 import type { Gpu } from "../gpu/device.ts";

@@ -13,7 +13,7 @@ import {
   loadStudent,
   type Student,
 } from "../train/student.ts";
-import { RESAMPLER_WEIGHTS_FILE } from "../models/resampler.ts";
+import { RESAMPLER_WEIGHTS_FILE } from "../models/resampler_config.ts";
 import { DISTILL_CONFIG_FILE } from "../train/adapter.ts";
 import { type Command, parseCommandArgs, positiveInteger, UsageError } from "./args.ts";
 

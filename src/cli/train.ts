@@ -1,5 +1,5 @@
 import { DEFAULT_LORA_CONFIG, type LinearName, QWEN3_LINEARS } from "../models/lora.ts";
-import { RESAMPLER_DEFAULTS } from "../models/resampler.ts";
+import { RESAMPLER_DEFAULTS } from "../models/resampler_config.ts";
 import {
   QWEN_DEFAULT_MAX_TOKENS,
   QWEN_PROMPT_MODES,

@@ -5,7 +5,7 @@
  */
 import { geluRef } from "../ops/activation_ref.ts";
 import { layerNormRef } from "../ops/norm_ref.ts";
-import type { ResamplerConfig } from "./resampler.ts";
+import type { ResamplerConfig } from "./resampler_config.ts";
 
 const LN_EPS = 1e-5;
 

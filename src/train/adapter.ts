@@ -19,7 +19,7 @@ import {
   loadResampler,
   type ResamplerWeights,
   saveResampler,
-} from "../models/resampler.ts";
+} from "../models/resampler_weights.ts";
 import { QWEN_PROMPT_MODES, type QwenPromptMode } from "../text/qwen_tokenizer.ts";
 
 export const DISTILL_CONFIG_FILE = "distill_config.json";

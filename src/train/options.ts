@@ -6,7 +6,7 @@
 import { type CaptionRow, heldOutScore, splitHeldOut } from "../data/captions.ts";
 import type { TargetCache } from "../data/target_cache.ts";
 import { DEFAULT_LORA_CONFIG, type LoraConfig, QWEN3_LINEARS } from "../models/lora.ts";
-import { RESAMPLER_DEFAULTS, type ResamplerConfig } from "../models/resampler.ts";
+import { RESAMPLER_DEFAULTS, type ResamplerConfig } from "../models/resampler_config.ts";
 import { QWEN_DEFAULT_MAX_TOKENS, QWEN_PROMPT_MODES } from "../text/qwen_tokenizer.ts";
 import type { PromptSettings } from "./adapter.ts";
 import { captionFileStem } from "./evaluation.ts";

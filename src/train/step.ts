@@ -19,8 +19,8 @@ import {
   resamplerBackward,
   resamplerForward,
   resamplerForwardTrain,
-  type ResamplerWeights,
 } from "../models/resampler.ts";
+import type { ResamplerWeights } from "../models/resampler_weights.ts";
 import { addInPlace } from "../ops/elementwise.ts";
 import { AdamW, clipCoefficient, mseLoss, recordGradNorms } from "./optim.ts";
 

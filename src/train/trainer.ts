@@ -40,14 +40,13 @@ import {
   qwen3Config,
   qwen3LinearShapes,
 } from "../models/qwen3_weights.ts";
+import { checkResamplerConfig, type ResamplerConfig } from "../models/resampler_config.ts";
 import {
-  checkResamplerConfig,
   destroyResampler,
   initResampler,
-  type ResamplerConfig,
   resamplerParamCount,
   startResamplerAtMean,
-} from "../models/resampler.ts";
+} from "../models/resampler_weights.ts";
 import { loadQwenTokenizer, type QwenTokenizer } from "../text/qwen_tokenizer.ts";
 import { Rng } from "../util/rng.ts";
 import { baseModelRecord, type DistillConfig, loadAdapter, saveAdapter } from "./adapter.ts";

@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { writeSafetensors } from "../../src/io/safetensors.ts";
-import { initResampler, resamplerForward, saveResampler } from "../../src/models/resampler.ts";
+import { initResampler, saveResampler } from "../../src/models/resampler_weights.ts";
+import { resamplerForward } from "../../src/models/resampler.ts";
 import { Rng } from "../../src/util/rng.ts";
 import { randn, testGpu } from "../helpers.ts";
 import { runPython, torchPython } from "./python.ts";

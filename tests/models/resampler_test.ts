@@ -4,24 +4,28 @@ import type { Gpu } from "../../src/gpu/device.ts";
 import { SafetensorsFile, writeSafetensors } from "../../src/io/safetensors.ts";
 import {
   destroyResampler,
-  destroyResamplerActivations,
   initResampler,
   loadResampler,
   loadResamplerWeights,
+  resamplerParamCount,
+  resamplerParamShapes,
+  type ResamplerWeights,
+  saveResampler,
+} from "../../src/models/resampler_weights.ts";
+import {
+  destroyResamplerActivations,
+  resamplerBackward,
+  resamplerForward,
+  resamplerForwardTrain,
+} from "../../src/models/resampler.ts";
+import {
   parseResamplerConfig,
   readResamplerConfig,
   RESAMPLER_CONFIG_FILE,
   RESAMPLER_DEFAULTS,
   RESAMPLER_WEIGHTS_FILE,
-  resamplerBackward,
   type ResamplerConfig,
-  resamplerForward,
-  resamplerForwardTrain,
-  resamplerParamCount,
-  resamplerParamShapes,
-  type ResamplerWeights,
-  saveResampler,
-} from "../../src/models/resampler.ts";
+} from "../../src/models/resampler_config.ts";
 import { resamplerForwardRef } from "../../src/models/resampler_ref.ts";
 import { Rng } from "../../src/util/rng.ts";
 import { dot, numericGrad } from "../ops/finite_diff.ts";

@@ -4,7 +4,8 @@ import { SafetensorsFile } from "../../src/io/safetensors.ts";
 import { loadLora } from "../../src/models/lora.ts";
 import type { TokenBatch } from "../../src/models/qwen3.ts";
 import { loadQwen3Weights, qwen3LinearShapes } from "../../src/models/qwen3_weights.ts";
-import { loadResamplerWeights, parseResamplerConfig } from "../../src/models/resampler.ts";
+import { loadResamplerWeights } from "../../src/models/resampler_weights.ts";
+import { parseResamplerConfig } from "../../src/models/resampler_config.ts";
 import { DistillStep, type MicroBatch, type StudentModel } from "../../src/train/step.ts";
 import { testGpu } from "../helpers.ts";
 
