@@ -112,13 +112,11 @@ export {
   type CacheShardEntry,
   type CacheVerifyReport,
   type CacheWorker,
-  type JsonScalar,
   mergeCacheManifests,
   openTargetCache,
   type OpenTargetCacheOptions,
   TargetCache,
   type TargetRows,
-  type Teacher,
   type TeacherRecord,
   verifyCache,
 } from "./src/data/target_cache.ts";
@@ -138,6 +136,8 @@ export {
   type SkipCounts,
   type SprightChoice,
 } from "./src/data/captions.ts";
+
+export type { JsonScalar, Teacher } from "./src/models/teacher.ts";
 
 // Train: distil the student from a target cache into an adapter folder.
 export { type EvalResult } from "./src/train/evaluation.ts";

@@ -1,3 +1,4 @@
+import type { Teacher } from "../models/teacher.ts";
 import { Gpu } from "../gpu/device.ts";
 import { prepareOutputFolder } from "../io/output_path.ts";
 import {
@@ -15,7 +16,6 @@ import {
   type CacheWorker,
   DEFAULT_ROWS_PER_SHARD,
   mergeCacheManifests,
-  type Teacher,
   verifyCache,
 } from "../data/target_cache.ts";
 import { type Command, parseCommandArgs, UsageError } from "./args.ts";

@@ -22,9 +22,6 @@ import { ShardHashCheck } from "./cache_verify.ts";
 import { sha256File } from "../util/hash.ts";
 import type { JsonScalar, Teacher } from "../models/teacher.ts";
 
-export { sha256File };
-export type { JsonScalar, Teacher };
-
 /** The `format` of a cache manifest; other values are refused. */
 export const CACHE_FORMAT = "distill-target-cache";
 /** The manifest `version` this code writes and reads. */
