@@ -105,20 +105,26 @@ export { type CacheOptions, runCache, type TeacherSource } from "./src/cli/cache
 export {
   buildTargetCache,
   type BuildTargetCacheOptions,
+  type CacheProgress,
+} from "./src/data/cache_build.ts";
+export {
   CACHE_FORMAT,
   CACHE_VERSION,
   type CacheManifest,
-  type CacheProgress,
   type CacheShardEntry,
-  type CacheVerifyReport,
   type CacheWorker,
+  type TeacherRecord,
+} from "./src/data/cache_format.ts";
+export {
+  type CacheVerifyReport,
   mergeCacheManifests,
+  verifyCache,
+} from "./src/data/cache_merge.ts";
+export {
   openTargetCache,
   type OpenTargetCacheOptions,
   TargetCache,
   type TargetRows,
-  type TeacherRecord,
-  verifyCache,
 } from "./src/data/target_cache.ts";
 export {
   loadSdxlTeacher,

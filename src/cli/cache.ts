@@ -8,16 +8,13 @@ import {
   SPRIGHT_CHOICES,
   type SprightChoice,
 } from "../data/captions.ts";
+import { buildTargetCache, type CacheProgress } from "../data/cache_build.ts";
 import {
-  buildTargetCache,
   type CacheManifest,
-  type CacheProgress,
-  type CacheVerifyReport,
   type CacheWorker,
   DEFAULT_ROWS_PER_SHARD,
-  mergeCacheManifests,
-  verifyCache,
-} from "../data/target_cache.ts";
+} from "../data/cache_format.ts";
+import { type CacheVerifyReport, mergeCacheManifests, verifyCache } from "../data/cache_merge.ts";
 import { type Command, parseCommandArgs, UsageError } from "./args.ts";
 import {
   explainPermission,

@@ -4,7 +4,8 @@
  * trajectory (same cache, same settings).
  */
 import { join } from "node:path";
-import type { TargetCache, TeacherRecord } from "../data/target_cache.ts";
+import type { TargetCache } from "../data/target_cache.ts";
+import type { TeacherRecord } from "../data/cache_format.ts";
 import { SafetensorsFile, writeSafetensors } from "../io/safetensors.ts";
 import type { DistillConfig, PromptSettings } from "./adapter.ts";
 import { EPOCH_ORDER_DESCRIPTION } from "./batching.ts";

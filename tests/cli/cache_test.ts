@@ -3,7 +3,7 @@ import { join } from "node:path";
 import { UsageError } from "../../src/cli/args.ts";
 import { makeCacheCommand, type OpenedTeacher, runCache } from "../../src/cli/cache.ts";
 import { DataError } from "../../src/data/captions.ts";
-import { type CacheManifest, MANIFEST_FILE } from "../../src/data/target_cache.ts";
+import { type CacheManifest, MANIFEST_FILE } from "../../src/data/cache_format.ts";
 import {
   fakeTeacher,
   type FakeTeacherOptions,

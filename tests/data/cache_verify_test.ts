@@ -1,12 +1,9 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { VERIFIED_SHARDS_FILE } from "../../src/data/cache_verify.ts";
-import {
-  buildTargetCache,
-  MANIFEST_FILE,
-  openTargetCache,
-  shardFileName,
-} from "../../src/data/target_cache.ts";
+import { buildTargetCache } from "../../src/data/cache_build.ts";
+import { MANIFEST_FILE, shardFileName } from "../../src/data/cache_format.ts";
+import { openTargetCache } from "../../src/data/target_cache.ts";
 import { rejectsWith, withTempDir } from "../helpers.ts";
 import { fakeTeacher, sampleRows } from "./fake_teacher.ts";
 

@@ -8,7 +8,7 @@ import {
   readCaptionSet,
   type ReadCaptionsOptions,
 } from "../../src/data/captions.ts";
-import type { CacheManifest } from "../../src/data/target_cache.ts";
+import type { CacheManifest } from "../../src/data/cache_format.ts";
 import { withTempDir } from "../helpers.ts";
 import { fakeTeacher, readTree } from "./fake_teacher.ts";
 import { sprightSample, tarBytes } from "./tar_fixture.ts";

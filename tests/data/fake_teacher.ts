@@ -3,11 +3,9 @@
  * generator seeded by the caption's hash, so they depend on the caption alone (not on the batch
  * it came in), like the real encoders. Small dims keep cache tests fast.
  */
-import type { Teacher } from "../../src/models/teacher.ts";
-
 import { join } from "node:path";
 import { captionHash, type CaptionRow } from "../../src/data/captions.ts";
-import type 
+import type { Teacher } from "../../src/models/teacher.ts";
 import { Rng } from "../../src/util/rng.ts";
 
 export interface FakeTeacherOptions {

@@ -3,17 +3,11 @@ import { join } from "node:path";
 import { captionHash } from "../../src/data/captions.ts";
 import { f16ToF32, f32ToF16Bits } from "../../src/io/dtype.ts";
 import { SafetensorsFile } from "../../src/io/safetensors.ts";
-import {
-  buildTargetCache,
-  type BuildTargetCacheOptions,
-  CacheError,
-  type CacheManifest,
-  MANIFEST_FILE,
-  mergeCacheManifests,
-  openTargetCache,
-  sha256File,
-  verifyCache,
-} from "../../src/data/target_cache.ts";
+import { buildTargetCache, type BuildTargetCacheOptions } from "../../src/data/cache_build.ts";
+import { CacheError, type CacheManifest, MANIFEST_FILE } from "../../src/data/cache_format.ts";
+import { mergeCacheManifests, verifyCache } from "../../src/data/cache_merge.ts";
+import { openTargetCache } from "../../src/data/target_cache.ts";
+import { sha256File } from "../../src/util/hash.ts";
 import { rejectsWith, withTempDir } from "../helpers.ts";
 import { fakeTeacher, readTree, sampleRows } from "./fake_teacher.ts";
 

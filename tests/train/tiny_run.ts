@@ -6,7 +6,8 @@
 import { join } from "node:path";
 import { readCaptions } from "../../src/data/captions.ts";
 import type { CaptionRow } from "../../src/data/captions.ts";
-import { buildTargetCache, type Teacher } from "../../src/data/target_cache.ts";
+import { buildTargetCache } from "../../src/data/cache_build.ts";
+import type { Teacher } from "../../src/models/teacher.ts";
 import { writeRandomQwen3 } from "../../src/models/random_qwen3.ts";
 import { readQwenPackageFiles } from "../../src/text/qwen_tokenizer.ts";
 import type { TrainOptions } from "../../src/train/options.ts";

@@ -1,11 +1,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import {
-  MANIFEST_FILE,
-  openTargetCache,
-  sha256File,
-  shardFileName,
-} from "../../src/data/target_cache.ts";
+import { MANIFEST_FILE, shardFileName } from "../../src/data/cache_format.ts";
+import { openTargetCache } from "../../src/data/target_cache.ts";
+import { sha256File } from "../../src/util/hash.ts";
 import { ModelFolder } from "../../src/io/hf.ts";
 import { SafetensorsFile, writeSafetensors } from "../../src/io/safetensors.ts";
 import { qwen3Config } from "../../src/models/qwen3_weights.ts";
