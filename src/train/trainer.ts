@@ -13,8 +13,8 @@
  *   checkpoints/step-000000N/        adapter files + optimizer.safetensors + trainer_state.json
  *
  * Determinism: nothing random is carried from step to step. The batches of epoch `e` (rows
- * bucketed by token length, src/train/batching.ts) are drawn from `mixSeed(seed, e)`, the LoRA dropout of micro-batch `i` of step `s`
- * from `mixSeed(seed, s, i)`, and the GPU math has no atomics, so a run resumed from a
+ * bucketed by token length, src/train/batching.ts) are drawn from `mixSeed(seed, e)`, the LoRA
+ * dropout of micro-batch `i` of step `s` from `mixSeed(seed, s, i)`, and the GPU math has no atomics, so a run resumed from a
  * checkpoint takes exactly the steps an uninterrupted run takes: the final parameters are
  * bitwise identical.
  *
