@@ -24,21 +24,13 @@ import {
 import { adapterReport } from "../src/cli/info.ts";
 import { Gpu } from "../src/gpu/device.ts";
 import { ModelFolder } from "../src/io/hf.ts";
-import { DEFAULT_LORA_CONFIG, destroyLora, initLora } from "../src/models/lora.ts";
-import {
-  destroyQwen3Weights,
-  loadQwen3Weights,
-  qwen3LinearShapes,
-} from "../src/models/qwen3_weights.ts";
-import {
-  destroyResampler,
-  initResampler,
-  resamplerParamCount,
-} from "../src/models/resampler_weights.ts";
-import { RESAMPLER_DEFAULTS } from "../src/models/resampler_config.ts";
+import { destroyLora } from "../src/models/lora.ts";
+import { destroyQwen3Weights, loadQwen3Weights } from "../src/models/qwen3_weights.ts";
+import { destroyResampler, resamplerParamCount } from "../src/models/resampler_weights.ts";
+import { trainableStudent } from "../src/bench/student.ts";
 import { loadQwenTokenizer } from "../src/text/qwen_tokenizer.ts";
 import { Rng } from "../src/util/rng.ts";
-import { DistillStep, type MicroBatch, type StudentModel } from "../src/train/step.ts";
+import type { MicroBatch } from "../src/train/step.ts";
 
 const PROMPT = "A watercolour of a red fox curled asleep in fresh snow beneath a birch tree, " +
   "soft morning light, pale blue shadows, a few falling snowflakes, delicate brush strokes, " +
@@ -89,22 +81,9 @@ async function run(dir: string, tokens: number, steps: number): Promise<TrainSca
     folder.close();
     console.error(`loaded the NF4 Qwen3 in ${loadSeconds.toFixed(1)} s, RSS ${mib(peak.rss)}`);
 
-    const lora = initLora(
-      gpu,
-      qwen3LinearShapes(qwen.config),
-      qwen.config.numLayers,
-      { ...DEFAULT_LORA_CONFIG },
-      rng,
-    );
-    const resamplerConfig = { dimIn: qwen.config.hiddenSize, ...RESAMPLER_DEFAULTS };
-    const resampler = initResampler(gpu, resamplerConfig, rng);
-    const student: StudentModel = { qwen, lora, resampler };
-    const step = new DistillStep(
-      gpu,
-      student,
-      { lr: { resampler: 1e-4, lora: 2e-5 }, weightDecay: 0.01, maxGradNorm: 1 },
-      { gradientCheckpointing: true },
-    );
+    const { lora, resampler, resamplerConfig, step } = trainableStudent(gpu, qwen, rng, {
+      gradientCheckpointing: true,
+    });
     await gpu.sync();
     const gpuLiveBeforeStepsBytes = gpu.stats.liveBytes;
 

@@ -59,7 +59,8 @@ export async function readTorchStudentTimes(path: string): Promise<TorchStudentT
   } catch (error) {
     throw new Error(
       `--torch ${path}: ${(error as Error).message}; pass the JSON that ` +
-        "`python3 torch_student.py > FILE` printed",
+        "`python3 torch_student.py > FILE` printed, saved inside the project " +
+        "(e.g. bench-out/torch_student.json: the task reads only there)",
     );
   }
   const t = json as Partial<TorchStudentTimes>;
@@ -90,6 +91,34 @@ async function loadWeights(gpu: Gpu, dir: string, quantize: "nf4" | "none") {
   } finally {
     folder.close();
   }
+}
+
+/**
+ * The default LoRA (r 16 on q/k/v/o) and a resampler at its defaults, both freshly initialised,
+ * on `qwen`, with a DistillStep at the default learning rates: what the benchmarks train.
+ */
+export function trainableStudent(
+  gpu: Gpu,
+  qwen: Qwen3Weights,
+  rng: Rng,
+  options: { gradientCheckpointing: boolean },
+) {
+  const lora = initLora(
+    gpu,
+    qwen3LinearShapes(qwen.config),
+    qwen.config.numLayers,
+    { ...DEFAULT_LORA_CONFIG },
+    rng,
+  );
+  const resamplerConfig = { dimIn: qwen.config.hiddenSize, ...RESAMPLER_DEFAULTS };
+  const resampler = initResampler(gpu, resamplerConfig, rng);
+  const step = new DistillStep(
+    gpu,
+    { qwen, lora, resampler },
+    { lr: { resampler: 1e-4, lora: 2e-5 }, weightDecay: 0.01, maxGradNorm: 1 },
+    options,
+  );
+  return { lora, resampler, resamplerConfig, step };
 }
 
 /** Seconds of each of `reps` calls after one warm-up call (which compiles the pipelines). */
@@ -184,21 +213,9 @@ export const studentBench: Bench = {
       }
 
       const qwen = await loadWeights(gpu, STUDENT_BENCH_DIR, "nf4");
-      const lora = initLora(
-        gpu,
-        qwen3LinearShapes(qwen.config),
-        qwen.config.numLayers,
-        { ...DEFAULT_LORA_CONFIG },
-        rng,
-      );
-      const resamplerConfig = { dimIn: qwen.config.hiddenSize, ...RESAMPLER_DEFAULTS };
-      const resampler = initResampler(gpu, resamplerConfig, rng);
-      const step = new DistillStep(
-        gpu,
-        { qwen, lora, resampler },
-        { lr: { resampler: 1e-4, lora: 2e-5 }, weightDecay: 0.01, maxGradNorm: 1 },
-        { gradientCheckpointing: false },
-      );
+      const { lora, resampler, resamplerConfig, step } = trainableStudent(gpu, qwen, rng, {
+        gradientCheckpointing: false,
+      });
       const micro: MicroBatch = {
         tokens,
         targetSeq: rng.fillNormal(

@@ -14,8 +14,8 @@
  *   verified-shards.json             cache shards whose SHA-256 was checked (src/data/cache_verify.ts)
  *
  * Determinism: nothing random is carried from step to step. The batches of epoch `e` (rows
- * bucketed by token length, src/train/batching.ts) are drawn from `mixSeed(seed, e)`, the LoRA dropout of micro-batch `i` of step `s`
- * from `mixSeed(seed, s, i)`, and the GPU math has no atomics, so a run resumed from a
+ * bucketed by token length, src/train/batching.ts) are drawn from `mixSeed(seed, e)`, the LoRA
+ * dropout of micro-batch `i` of step `s` from `mixSeed(seed, s, i)`, and the GPU math has no atomics, so a run resumed from a
  * checkpoint takes exactly the steps an uninterrupted run takes: the final parameters are
  * bitwise identical.
  *

@@ -105,6 +105,10 @@ Deno.test("train: starts at the mean target, held-out loss falls; adapter, metri
   assert.deepEqual(steps, Array.from({ length: 24 }, (_, i) => i + 1));
   const lastStep = records.findLast((r) => r.type === "step")!;
   assert.ok(lastStep.type === "step" && lastStep.samples === 24 * 8 && lastStep.epoch === 0);
+  for (const r of records) {
+    if (r.type !== "step") continue;
+    assert.ok(r.padding !== undefined && r.padding >= 0 && r.padding < 1, `padding ${r.padding}`);
+  }
 
   assert.ok((await Deno.stat(join(opts.out, "report.html"))).size > 1000);
   assert.deepEqual(await readLatestCheckpoint(opts.out), {
