@@ -22,13 +22,13 @@ import {
 const FAKE_RUN = new URL("./cache_fake_run.ts", import.meta.url).pathname;
 
 /** `deno` arguments running the cache command in a subprocess that may write only `writable`. */
-function fakeRunArgs(writable: string, delayMs: number, cacheArgs: string[]): string[] {
+function fakeRunArgs(writable: string, haltAfterBatches: number, cacheArgs: string[]): string[] {
   return [
     "run",
     "--allow-read",
     `--allow-write=${writable}`,
     FAKE_RUN,
-    String(delayMs),
+    String(haltAfterBatches),
     ...cacheArgs,
   ];
 }
@@ -217,23 +217,22 @@ Deno.test("cache: a run killed with SIGKILL resumes to the bytes of an uninterru
     const { command } = commandWith();
     await quietly(() => command.run([...common, "--out", whole]));
 
-    // 10 shards of 2 batches, 30 ms each: killed once 2 shards are on disk, mid-way through.
+    // 10 shards of 2 batches: the child halts as it starts batch 7 (shard 3) and is killed there.
     const child = new Deno.Command(Deno.execPath(), {
-      args: fakeRunArgs(dir, 30, [...common, "--out", killed]),
-      stdout: "null",
+      args: fakeRunArgs(dir, 6, [...common, "--out", killed]),
+      stdout: "piped",
       stderr: "null",
     }).spawn();
-    const shardsOnDisk = async () => {
-      const names = await Array.fromAsync(Deno.readDir(killed)).catch(() => []);
-      return names.filter((e) => /^targets-\d+\.safetensors$/.test(e.name)).length;
-    };
-    let exited = false;
-    child.status.then(() => exited = true);
-    while (!exited && await shardsOnDisk() < 2) {
-      await new Promise((resolve) => setTimeout(resolve, 5));
+    const output = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    let said = "";
+    while (!said.includes("\n")) {
+      const { value, done } = await output.read();
+      if (done) break;
+      said += value;
     }
-    assert.ok(!exited, "the cache process ended before it could be killed");
+    assert.match(said, /^ready 6$/m, "the cache process ended before it could be killed");
     child.kill("SIGKILL");
+    await output.cancel();
     const status = await child.status;
     assert.equal(status.signal, "SIGKILL");
     const partial = await readManifest(killed);

@@ -14,8 +14,11 @@ export interface FakeTeacherOptions {
   pooledDim?: number;
   /** Identity entries to add or override (e.g. another weight file hash). */
   identity?: Record<string, string>;
-  /** Sleeps this long per batch, so a subprocess can be killed part-way. */
-  delayMs?: number;
+  /**
+   * On the batch after this many, prints `ready <batches>` to stdout and blocks until the
+   * process is killed, so a parent kills it at a known point rather than after a guessed time.
+   */
+  haltAfterBatches?: number;
   /** Throws on the batch after this many, as a crashing GPU would. */
   failAfterBatches?: number;
   /** Puts `value` into this caption's seq targets. */
@@ -43,13 +46,17 @@ export function fakeTeacher(options: FakeTeacherOptions = {}): FakeTeacher {
     pooledDim,
     encoded: 0,
     async encode(captions) {
+      if (options.haltAfterBatches !== undefined && batches >= options.haltAfterBatches) {
+        Deno.stdout.writeSync(new TextEncoder().encode(`ready ${batches}\n`));
+        Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0);
+      }
       if (options.failAfterBatches !== undefined && batches >= options.failAfterBatches) {
         throw new Error("fake teacher: device lost");
       }
       batches++;
       // The cache overlaps its CPU work with the next batch, but never runs two batches at once.
       if (++inFlight > 1) throw new Error("fake teacher: encode called while a batch is running");
-      await new Promise((resolve) => setTimeout(resolve, options.delayMs ?? 0));
+      await new Promise((resolve) => setTimeout(resolve, 0));
       inFlight--;
       const seq = new Float32Array(captions.length * seqLen * seqDim);
       const pooled = new Float32Array(captions.length * pooledDim);

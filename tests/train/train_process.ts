@@ -1,7 +1,8 @@
 /**
  * Runs `train` in its own process for the kill-and-resume test: the options come as JSON in
- * the first argument. After every step it blocks for the milliseconds of the second argument,
- * so the parent can SIGKILL it part-way through a run, between or inside steps. The device is
+ * the first argument. At the first step past a checkpoint (the step is in metrics.jsonl, the
+ * checkpoint holds an earlier one) it prints `ready <step> <checkpoint step>` and blocks until
+ * it is killed, so the parent kills it at that point, not at a time it guessed. The device is
  * made as the parent's (`testGpu`, honouring DISTILL_DISABLE), so both run the same kernels.
  */
 import { train } from "../../src/train/trainer.ts";
@@ -9,14 +10,17 @@ import type { TrainOptions } from "../../src/train/options.ts";
 import { testGpu } from "../helpers.ts";
 
 const options = JSON.parse(Deno.args[0]) as TrainOptions;
-const blockMs = Number(Deno.args[1] ?? 0);
+let checkpointed = -1;
 await train(options, {
   gpu: await testGpu(),
   log: () => {},
-  onProgress() {
-    const until = performance.now() + blockMs;
-    while (performance.now() < until) {
-      // A blocking wait: the kill must be able to land at any point, not only at an await.
-    }
+  onCheckpoint(step) {
+    checkpointed = step;
+  },
+  onProgress({ step }) {
+    if (checkpointed < 0 || step <= checkpointed) return;
+    Deno.stdout.writeSync(new TextEncoder().encode(`ready ${step} ${checkpointed}\n`));
+    // Blocks this thread for good: the kill lands here, between a logged step and its checkpoint.
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0);
   },
 });

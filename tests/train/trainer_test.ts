@@ -140,26 +140,24 @@ Deno.test("train: a run SIGKILLed mid-way and resumed ends byte-identical to an 
   const script = new URL("./train_process.ts", import.meta.url).pathname;
   const config = new URL("../../deno.json", import.meta.url).pathname;
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--config", config, "-A", script, JSON.stringify(killed), "300"],
-    stdout: "null",
+    args: ["run", "--config", config, "-A", script, JSON.stringify(killed)],
+    stdout: "piped",
     stderr: "piped",
   }).spawn();
-  let exited = false;
-  child.status.then(() => (exited = true));
-  // Kill once a step past the first checkpoint is logged: the child then blocks for 300 ms
-  // before its next evaluation or checkpoint, so the log runs ahead of the checkpoint.
-  const pastCheckpoint = async () => {
-    const saved = await readLatestCheckpoint(killed.out).catch(() => undefined);
-    if (!saved) return false;
-    const records = await readMetrics(killed.out);
-    return records.some((r) => r.type === "step" && r.step > saved.step);
-  };
-  while (!exited && !(await pastCheckpoint())) {
-    await new Promise((resolve) => setTimeout(resolve, 20));
+  // The child says when it has logged a step past its latest checkpoint, then waits to be killed.
+  const output = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let said = "";
+  while (!said.includes("\n")) {
+    const { value, done } = await output.read();
+    if (done) break;
+    said += value;
   }
-  if (!exited) child.kill("SIGKILL");
+  const ready = said.match(/^ready (\d+) (\d+)$/m);
+  if (ready) child.kill("SIGKILL");
   const status = await child.status;
+  await output.cancel();
   const stderr = await new Response(child.stderr).text();
+  assert.ok(ready, `the child never reported a step past a checkpoint: ${said}\n${stderr}`);
   assert.equal(status.signal, "SIGKILL", `the child ended by itself: ${stderr}`);
   const stopped = await readLatestCheckpoint(killed.out);
   assert.ok(stopped && stopped.step < 8, `killed after step ${stopped?.step}`);
