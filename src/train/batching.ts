@@ -14,13 +14,10 @@
  */
 import { Rng } from "../util/rng.ts";
 
-/** Batches per sorted window; at batch 16 a window holds 1024 rows. */
-export const BUCKET_WINDOW_BATCHES = 64;
-
-/** How the order is drawn, recorded with each checkpoint. */
+/** How the order is drawn, recorded with each checkpoint (the window is in the trajectory). */
 export const EPOCH_ORDER_DESCRIPTION =
   `Rng(mixSeed(seed, 1, epoch)): permutation(trainRows), stable sort by token length within ` +
-  `windows of ${BUCKET_WINDOW_BATCHES} batches, then permutation(batches)`;
+  `windows of bucketWindow batches, then permutation(batches)`;
 
 export interface StepOrderOptions {
   /** Training rows (cache row indices). */
@@ -32,7 +29,8 @@ export interface StepOrderOptions {
   stepsPerEpoch: number;
   /** The seed of epoch `e`'s generator. */
   epochSeed: (epoch: number) => number;
-  windowBatches?: number;
+  /** Batches per length-sorted window; 1: batches of plain shuffled rows. */
+  windowBatches: number;
 }
 
 /** The rows of optimizer step `step`, length-bucketed (see the module comment). */
@@ -55,7 +53,7 @@ export class StepOrder {
     }
     this.#options = options;
     this.stepsPerEpoch = stepsPerEpoch;
-    this.#windowRows = (options.windowBatches ?? BUCKET_WINDOW_BATCHES) * stepBatch;
+    this.#windowRows = options.windowBatches * stepBatch;
   }
 
   rows(step: number): number[] {

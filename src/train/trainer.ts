@@ -543,6 +543,7 @@ async function runLoop(s: Session, plan: LoopPlan): Promise<TrainResult> {
       stepBatch: config.stepBatch,
       stepsPerEpoch,
       epochSeed: (epoch) => mixSeed(config.seed, STREAM.epochOrder, epoch),
+      windowBatches: config.bucketWindow,
     });
     const elapsedBefore = resumeState?.elapsedSeconds ?? 0;
     const sessionStart = performance.now();
