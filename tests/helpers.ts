@@ -157,3 +157,19 @@ export async function assertLinkRefused(
     assert.ok(err.includes(`${link} is a symbolic link to ${outside}`), err);
   });
 }
+
+/**
+ * The first line a child process prints (without its newline; "" if it ends first). Kill tests
+ * wait for the child to say where it halted, then kill it there. The rest of stdout is dropped.
+ */
+export async function firstLine(child: Deno.ChildProcess): Promise<string> {
+  const output = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let said = "";
+  while (!said.includes("\n")) {
+    const { value, done } = await output.read();
+    if (done) break;
+    said += value;
+  }
+  await output.cancel();
+  return said.split("\n")[0];
+}

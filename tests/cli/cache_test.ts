@@ -12,6 +12,7 @@ import {
 } from "../data/fake_teacher.ts";
 import {
   assertLinkRefused,
+  firstLine,
   IS_ROOT,
   rejectsAs,
   TINY_DISK_IGNORED,
@@ -223,16 +224,9 @@ Deno.test("cache: a run killed with SIGKILL resumes to the bytes of an uninterru
       stdout: "piped",
       stderr: "null",
     }).spawn();
-    const output = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-    let said = "";
-    while (!said.includes("\n")) {
-      const { value, done } = await output.read();
-      if (done) break;
-      said += value;
-    }
-    assert.match(said, /^ready 6$/m, "the cache process ended before it could be killed");
+    const said = await firstLine(child);
+    assert.equal(said, "ready 6", "the cache process ended before it could be killed");
     child.kill("SIGKILL");
-    await output.cancel();
     const status = await child.status;
     assert.equal(status.signal, "SIGKILL");
     const partial = await readManifest(killed);

@@ -18,7 +18,7 @@ import {
 import { EvalAccumulator } from "../../src/train/evaluation.ts";
 import { readLatestCheckpoint } from "../../src/train/checkpoint.ts";
 import { train } from "../../src/train/trainer.ts";
-import { testGpu } from "../helpers.ts";
+import { firstLine, testGpu } from "../helpers.ts";
 import { readTree } from "../data/fake_teacher.ts";
 import { promptRows, tinyOptions, wordTeacher, writeCache, writeTinySetup } from "./tiny_run.ts";
 
@@ -145,17 +145,10 @@ Deno.test("train: a run SIGKILLed mid-way and resumed ends byte-identical to an 
     stderr: "piped",
   }).spawn();
   // The child says when it has logged a step past its latest checkpoint, then waits to be killed.
-  const output = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let said = "";
-  while (!said.includes("\n")) {
-    const { value, done } = await output.read();
-    if (done) break;
-    said += value;
-  }
-  const ready = said.match(/^ready (\d+) (\d+)$/m);
+  const said = await firstLine(child);
+  const ready = said.match(/^ready (\d+) (\d+)$/);
   if (ready) child.kill("SIGKILL");
   const status = await child.status;
-  await output.cancel();
   const stderr = await new Response(child.stderr).text();
   assert.ok(ready, `the child never reported a step past a checkpoint: ${said}\n${stderr}`);
   assert.equal(status.signal, "SIGKILL", `the child ended by itself: ${stderr}`);
