@@ -65,7 +65,7 @@ Deno.test("learning: on held-out captions the student beats the mean predictor a
   assert.ok(s.rows >= 20, describe(h));
   assert.ok(s.r2Seq > 0.04, `seq barely beats ignoring the prompt: ${describe(h)}`);
   assert.ok(s.r2Pooled > 0.1, `pooled barely beats ignoring the prompt: ${describe(h)}`);
-  assert.ok(s.top5Seq! > 1.8 * h.chanceTop5!, `seq retrieval near chance: ${describe(h)}`);
+  assert.ok(s.top5Seq! > 2.5 * h.chanceTop5!, `seq retrieval near chance: ${describe(h)}`);
   assert.ok(s.centeredCosSeq > 0.1 && s.centeredCosPooled > 0.2, describe(h));
   // The prompt-aware reference that needs no training also beats the mean here.
   assert.ok(h.neighbours.r2Pooled > 0.1, `word neighbours: R² ${h.neighbours.r2Pooled}`);
@@ -78,5 +78,5 @@ Deno.test("learning control: targets shuffled against their captions give no gai
   const s = h.student;
   console.log(`shuffled control: ${describe(h)}`);
   assert.ok(s.r2Seq < 0.02 && s.r2Pooled < 0.02, `learned unlinked targets: ${describe(h)}`);
-  assert.ok(s.top5Seq! < 1.5 * h.chanceTop5!, `retrieval without a link: ${describe(h)}`);
+  assert.ok(s.top5Seq! < 2 * h.chanceTop5!, `retrieval without a link: ${describe(h)}`);
 });
