@@ -309,7 +309,9 @@ export class HeldOutEvaluator {
       const caption = cache.captions[row];
       const long = clip?.encode(caption).truncated ?? false;
       for (const name of sliceNames(cache.ids[row], caption, long)) {
-        slices.set(name, [...(slices.get(name) ?? []), i]);
+        const rows = slices.get(name);
+        if (rows) rows.push(i);
+        else slices.set(name, [i]);
       }
     });
     // One file holding every row says nothing beyond the whole.
@@ -323,7 +325,11 @@ export class HeldOutEvaluator {
     const poolWords = pool.map((row) => captionWords(cache.captions[row]));
     const index = new Map<string, number[]>();
     poolWords.forEach((words, i) => {
-      for (const word of words) index.set(word, [...(index.get(word) ?? []), i]);
+      for (const word of words) {
+        const rows = index.get(word);
+        if (rows) rows.push(i);
+        else index.set(word, [i]);
+      }
     });
     const guess: Predictions = {
       seq: new Float32Array(heldOut.length * mean.seq.length),
@@ -346,6 +352,20 @@ export class HeldOutEvaluator {
     }
     evaluator.#neighbours = evaluator.figures(guess);
     return evaluator;
+  }
+
+  /**
+   * The teacher targets of held-out rows [start, start + count), as the cache holds them (the
+   * evaluator keeps them in memory, so an evaluation reads nothing from disk).
+   */
+  targets(start: number, count: number): Predictions {
+    const part = (name: "seq" | "pooled") => {
+      const width = this.mean[name].length;
+      const out = this.#teacher[name].slice(start * width, (start + count) * width);
+      for (let i = 0; i < out.length; i++) out[i] += this.mean[name][i % width];
+      return out;
+    };
+    return { seq: part("seq"), pooled: part("pooled") };
   }
 
   /** Figures of `outputs` for the held-out rows `subset` (default all), in their order. */

@@ -166,8 +166,8 @@ interface Session {
   truncated: number;
 }
 
-/** Tokens and targets of some cache rows. */
-async function loadMicroBatch(s: Session, rows: readonly number[]): Promise<MicroBatch> {
+/** Student tokens of some cache rows (counting prompts cut to the token limit). */
+function tokenizeRows(s: Session, rows: readonly number[]): TokenBatch {
   const captions = rows.map((r) => s.cache.captions[r]);
   const enc = s.tokenizer.encodeBatch(captions, s.config.prompt);
   const cut = enc.truncated.filter(Boolean).length;
@@ -178,12 +178,12 @@ async function loadMicroBatch(s: Session, rows: readonly number[]): Promise<Micr
     );
   }
   s.truncated += cut;
-  const tokens: TokenBatch = {
-    ids: enc.ids,
-    lengths: enc.lengths,
-    batch: rows.length,
-    seqLen: enc.T,
-  };
+  return { ids: enc.ids, lengths: enc.lengths, batch: rows.length, seqLen: enc.T };
+}
+
+/** Tokens and targets of some cache rows. */
+async function loadMicroBatch(s: Session, rows: readonly number[]): Promise<MicroBatch> {
+  const tokens = tokenizeRows(s, rows);
   const targets = await s.cache.readRows(rows);
   return { tokens, targetSeq: targets.seq, targetPooled: targets.pooled };
 }
@@ -212,8 +212,7 @@ async function evaluate(
   };
   for (let start = 0; start < rows.length; start += size) {
     const chunk = rows.slice(start, start + size);
-    const micro = await loadMicroBatch(s, chunk);
-    const { seq, pooled } = studentForward(s.gpu, s.student, micro.tokens);
+    const { seq, pooled } = studentForward(s.gpu, s.student, tokenizeRows(s, chunk));
     const [seqOut, pooledOut] = (await s.gpu.readAll([seq, pooled])) as Float32Array[];
     seq.destroy();
     pooled.destroy();
@@ -221,7 +220,7 @@ async function evaluate(
     outputs.pooled.set(pooledOut, start * evaluator.mean.pooled.length);
     acc.add(
       { seq: seqOut, pooled: pooledOut },
-      { seq: micro.targetSeq, pooled: micro.targetPooled },
+      evaluator.targets(start, chunk.length),
       chunk.length,
     );
   }
