@@ -151,80 +151,82 @@ function addColumns(sum: Float64Array, data: Float32Array, rows: number): void {
   }
 }
 
-/** The figures of `outputs` for one part (seq or pooled) against centered teacher rows. */
-function partFigures(
+/** Per held-out row, for one part (seq or pooled): what every figure is aggregated from. */
+interface RowStats {
+  /** The outputs minus the mean target, row-major. */
+  centered: Float32Array;
+  /** Squared error of each row against its teacher target. */
+  sq: Float64Array;
+  /** Centered cosine of each row's output to its teacher target. */
+  cos: Float64Array;
+  /** How many other rows' teacher targets score at least as high as the row's own. */
+  rank: Int32Array;
+}
+
+/**
+ * The per-row statistics of `outputs` (every held-out row, in order) for one part, against the
+ * centered teacher rows. Retrieval scores each output against every target once; subsets
+ * (slices) aggregate these rows rather than scoring again.
+ */
+function rowStats(
   outputs: Float32Array,
   teacherCentered: Float32Array,
   teacherNorms: Float64Array,
   mean: Float32Array,
-  rows: readonly number[],
-  meanSq: number,
-) {
+): RowStats {
   const width = mean.length;
-  const n = rows.length;
-  const all = teacherNorms.length;
+  const n = teacherNorms.length;
   const centered = new Float32Array(n * width);
   const norms = new Float64Array(n);
-  let sq = 0;
-  let cos = 0;
-  const colSum = new Float64Array(width);
-  const colSq = new Float64Array(width);
-  const teacherColSum = new Float64Array(width);
-  const teacherColSq = new Float64Array(width);
-  rows.forEach((row, i) => {
-    const out = outputs.subarray(i * width, (i + 1) * width);
-    const teacher = teacherCentered.subarray(row * width, (row + 1) * width);
-    const c = centered.subarray(i * width, (i + 1) * width);
+  const sq = new Float64Array(n);
+  const cos = new Float64Array(n);
+  for (let r = 0; r < n; r++) {
+    const out = outputs.subarray(r * width, (r + 1) * width);
+    const teacher = teacherCentered.subarray(r * width, (r + 1) * width);
+    const c = centered.subarray(r * width, (r + 1) * width);
     let dot = 0;
     let norm = 0;
+    let err = 0;
     for (let j = 0; j < width; j++) {
       const v = out[j] - mean[j];
       c[j] = v;
-      const d = v - teacher[j];
-      sq += d * d;
+      err += (v - teacher[j]) ** 2;
       dot += v * teacher[j];
       norm += v * v;
-      colSum[j] += v;
-      colSq[j] += v * v;
-      teacherColSum[j] += teacher[j];
-      teacherColSq[j] += teacher[j] * teacher[j];
     }
-    norms[i] = Math.sqrt(norm);
-    cos += dot / Math.max(norms[i] * teacherNorms[row], 1e-12);
-  });
-  // Retrieval: row i's own target against every held-out target, by centered cosine.
-  let top1 = 0;
-  let top5 = 0;
-  const scores = new Float64Array(all);
-  rows.forEach((row, i) => {
-    const c = centered.subarray(i * width, (i + 1) * width);
-    for (let j = 0; j < all; j++) {
+    norms[r] = Math.sqrt(norm);
+    sq[r] = err;
+    cos[r] = dot / Math.max(norms[r] * teacherNorms[r], 1e-12);
+  }
+  const rank = new Int32Array(n);
+  const scores = new Float64Array(n);
+  for (let r = 0; r < n; r++) {
+    const c = centered.subarray(r * width, (r + 1) * width);
+    for (let j = 0; j < n; j++) {
       const t = teacherCentered.subarray(j * width, (j + 1) * width);
       let dot = 0;
       for (let k = 0; k < width; k++) dot += c[k] * t[k];
-      scores[j] = dot / Math.max(norms[i] * teacherNorms[j], 1e-12);
+      scores[j] = dot / Math.max(norms[r] * teacherNorms[j], 1e-12);
     }
-    let better = 0;
-    for (let j = 0; j < all; j++) if (j !== row && scores[j] >= scores[row]) better++;
-    if (better === 0) top1++;
-    if (better < 5) top5++;
-  });
-  const variance = (sum: Float64Array, sumSq: Float64Array) => {
-    let v = 0;
-    for (let j = 0; j < width; j++) v += sumSq[j] / n - (sum[j] / n) ** 2;
-    return Math.max(v, 0);
-  };
-  const defined = all >= 2;
-  return {
-    mse: sq / (n * width),
-    r2: 1 - sq / meanSq,
-    centeredCos: cos / n,
-    top1: defined ? top1 / n : null,
-    top5: defined ? top5 / n : null,
-    spread: Math.sqrt(
-      variance(colSum, colSq) / Math.max(variance(teacherColSum, teacherColSq), 1e-30),
-    ),
-  };
+    for (let j = 0; j < n; j++) if (j !== r && scores[j] >= scores[r]) rank[r]++;
+  }
+  return { centered, sq, cos, rank };
+}
+
+/** Variance across `rows` of row-major data, summed over features. */
+function totalVariance(data: Float32Array, width: number, rows: readonly number[]): number {
+  const sum = new Float64Array(width);
+  const sumSq = new Float64Array(width);
+  for (const r of rows) {
+    const row = data.subarray(r * width, (r + 1) * width);
+    for (let j = 0; j < width; j++) {
+      sum[j] += row[j];
+      sumSq[j] += row[j] * row[j];
+    }
+  }
+  let v = 0;
+  for (let j = 0; j < width; j++) v += sumSq[j] / rows.length - (sum[j] / rows.length) ** 2;
+  return Math.max(v, 0);
 }
 
 /** Per-element mean of the targets of `rows` (seq [seqLen * seqDim], pooled), summed in f64. */
@@ -368,35 +370,42 @@ export class HeldOutEvaluator {
     return { seq: part("seq"), pooled: part("pooled") };
   }
 
-  /** Figures of `outputs` for the held-out rows `subset` (default all), in their order. */
+  /** Figures of `outputs` (every held-out row, in order) on the rows `subset` (default all). */
   figures(outputs: Predictions, subset?: readonly number[]): HeldOutFigures {
+    return this.#aggregate(this.#rowStats(outputs), subset);
+  }
+
+  #rowStats(outputs: Predictions): Record<"seq" | "pooled", RowStats> {
+    const part = (name: "seq" | "pooled") =>
+      rowStats(outputs[name], this.#teacher[name], this.#norms[name], this.mean[name]);
+    return { seq: part("seq"), pooled: part("pooled") };
+  }
+
+  #aggregate(
+    stats: Record<"seq" | "pooled", RowStats>,
+    subset?: readonly number[],
+  ): HeldOutFigures {
     const rows = subset ?? Array.from({ length: this.rows }, (_, i) => i);
-    const pick = (part: "seq" | "pooled") => {
-      if (!subset) return outputs[part];
-      const width = this.mean[part].length;
-      const out = new Float32Array(rows.length * width);
-      rows.forEach((r, i) =>
-        out.set(outputs[part].subarray(r * width, (r + 1) * width), i * width)
-      );
-      return out;
+    const defined = this.rows >= 2;
+    const part = (name: "seq" | "pooled") => {
+      const st = stats[name];
+      const width = this.mean[name].length;
+      const total = (values: ArrayLike<number>) => rows.reduce((s, r) => s + values[r], 0);
+      const share = (k: number) => rows.filter((r) => st.rank[r] < k).length / rows.length;
+      return {
+        mse: total(st.sq) / (rows.length * width),
+        r2: 1 - total(st.sq) / total(this.#meanSq[name]),
+        centeredCos: total(st.cos) / rows.length,
+        top1: defined ? share(1) : null,
+        top5: defined ? share(5) : null,
+        spread: Math.sqrt(
+          totalVariance(st.centered, width, rows) /
+            Math.max(totalVariance(this.#teacher[name], width, rows), 1e-30),
+        ),
+      };
     };
-    const meanSq = (part: "seq" | "pooled") => rows.reduce((s, r) => s + this.#meanSq[part][r], 0);
-    const seq = partFigures(
-      pick("seq"),
-      this.#teacher.seq,
-      this.#norms.seq,
-      this.mean.seq,
-      rows,
-      meanSq("seq"),
-    );
-    const pooled = partFigures(
-      pick("pooled"),
-      this.#teacher.pooled,
-      this.#norms.pooled,
-      this.mean.pooled,
-      rows,
-      meanSq("pooled"),
-    );
+    const seq = part("seq");
+    const pooled = part("pooled");
     return {
       rows: rows.length,
       mseSeq: seq.mse,
@@ -418,15 +427,16 @@ export class HeldOutEvaluator {
   report(outputs: Predictions): HeldOutReport {
     const sum = (part: "seq" | "pooled") => this.#meanSq[part].reduce((s, v) => s + v, 0);
     const defined = this.rows >= 2;
+    const stats = this.#rowStats(outputs);
     return {
-      student: this.figures(outputs),
+      student: this.#aggregate(stats),
       meanMseSeq: sum("seq") / (this.rows * this.mean.seq.length),
       meanMsePooled: sum("pooled") / (this.rows * this.mean.pooled.length),
       neighbours: this.#neighbours!,
       chanceTop1: defined ? 1 / this.rows : null,
       chanceTop5: defined ? Math.min(5, this.rows) / this.rows : null,
       slices: Object.fromEntries(
-        [...this.#slices].map(([name, rows]) => [name, this.figures(outputs, rows)]),
+        [...this.#slices].map(([name, rows]) => [name, this.#aggregate(stats, rows)]),
       ),
     };
   }
