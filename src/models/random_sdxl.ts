@@ -7,10 +7,9 @@ import { join } from "node:path";
 import { writeFileAtomic } from "../io/atomic.ts";
 import { f32ToF16Bits } from "../io/dtype.ts";
 import { type TensorToWrite, writeSafetensors } from "../io/safetensors.ts";
+import { CLIP_TOKENIZER_DIR } from "../text/clip_tokenizer.ts";
 import { Rng } from "../util/rng.ts";
 
-/** The real CLIP BPE files (SDXL's tokenizer/; MIT, OpenAI CLIP: see its SOURCES.md). */
-export const CLIP_TOKENIZER_DIR = new URL("../../data/clip-tokenizer/", import.meta.url);
 const TOKENIZER_FILES = [
   "vocab.json",
   "merges.txt",

@@ -20,6 +20,9 @@ import {
 } from "./tokenizer_files.ts";
 
 /** Every CLIP sequence is this long: BOS + up to 75 tokens + EOS + padding. */
+/** The real CLIP BPE files shipped with distill (SDXL's tokenizer/; MIT, OpenAI CLIP: see its SOURCES.md). */
+export const CLIP_TOKENIZER_DIR = new URL("../../data/clip-tokenizer/", import.meta.url);
+
 export const CLIP_SEQUENCE_LENGTH = 77;
 /** Content tokens kept between BOS and EOS. */
 export const CLIP_MAX_CONTENT_TOKENS = CLIP_SEQUENCE_LENGTH - 2;

@@ -17,8 +17,7 @@
  */
 import { basename } from "node:path";
 import type { TargetCache } from "../data/target_cache.ts";
-import { CLIP_TOKENIZER_DIR } from "../models/random_sdxl.ts";
-import { loadClipTokenizer } from "../text/clip_tokenizer.ts";
+import { CLIP_TOKENIZER_DIR, loadClipTokenizer } from "../text/clip_tokenizer.ts";
 import type { EvalRecord } from "./metrics.ts";
 
 /** Training rows the means and the neighbour reference are taken from, at most. */
