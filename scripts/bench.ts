@@ -23,7 +23,9 @@ Options:
   --only LIST  run only the named benches (${BENCHES.map((b) => b.name).join(", ")})
   --torch FILE the JSON that PyTorch's torch_student.py printed, measured on this machine
                just before: each student row then shows vsTorch (distill's seconds over
-               PyTorch's; the NF4 forward is set against PyTorch's f32 forward)
+               PyTorch's; the NF4 forward is set against PyTorch's f32 forward), and
+               the f32 matmul 1024³ shows fractionOfTorch (its GFLOP/s over PyTorch's
+               OpenBLAS matmul, which torch_baseline.py prints first into the same file)
   -h, --help   show this help
 
 The student bench (--only student runs it alone) writes a random bench-config Qwen3 to

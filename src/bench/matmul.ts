@@ -67,10 +67,16 @@ async function timeCase(
 export const matmulBench: Bench = {
   name: "matmul",
   summary: "f32 square products and the models' Linear shapes with f32, f16 and bf16 weights",
-  async run({ gpu, baselineGflops }) {
+  async run({ gpu, baselineGflops, torch }) {
     const results: BenchResult[] = [];
     for (const s of SQUARE_SIZES) {
-      results.push(await timeCase(gpu, s, s, s, "f32", {}, baselineGflops));
+      const result = await timeCase(gpu, s, s, s, "f32", {}, baselineGflops);
+      // The issue's yardstick: 1024³ against PyTorch's (numpy's) OpenBLAS in the same run.
+      if (s === 1024 && torch?.matmul1024Gflops) {
+        result.torchGflops = torch.matmul1024Gflops;
+        result.fractionOfTorch = result.gflops! / torch.matmul1024Gflops;
+      }
+      results.push(result);
     }
     for (const { m, k, n, model } of MODEL_SHAPES) {
       for (const type of WEIGHT_TYPES) {

@@ -48,14 +48,23 @@ export interface TorchStudentTimes {
   tokens: number;
   fwd_f32_s: number;
   train_step_s: number;
+  /**
+   * PyTorch's f32 matmul 1024³ in GFLOP/s (OpenBLAS, what numpy uses too), from the JSON that
+   * torch_baseline.py prints first when torch_student.py imports it; absent if it did not.
+   */
+  matmul1024Gflops?: number;
 }
 
 /** Reads and checks the JSON `torch_student.py` printed (flag `--torch`). */
 export async function readTorchStudentTimes(path: string): Promise<TorchStudentTimes> {
   let json: unknown;
+  let baseline: { torch_matmul_1024_gflops?: unknown } | undefined;
   try {
-    // The script's last line: it imports torch_baseline.py, which may print its own first.
-    json = JSON.parse((await Deno.readTextFile(path)).trim().split("\n").at(-1) ?? "");
+    // The script's last line: it imports torch_baseline.py, which prints its own JSON first.
+    const lines = (await Deno.readTextFile(path)).trim().split("\n");
+    json = JSON.parse(lines.at(-1) ?? "");
+    const before = lines.slice(0, -1).join("\n").trim();
+    if (before) baseline = JSON.parse(before);
   } catch (error) {
     throw new Error(
       `--torch ${path}: ${(error as Error).message}; pass the JSON that ` +
@@ -75,7 +84,11 @@ export async function readTorchStudentTimes(path: string): Promise<TorchStudentT
         `${STUDENT_BENCH_TOKENS} (run torch_student.py without --tokens)`,
     );
   }
-  return t as TorchStudentTimes;
+  const gflops = baseline?.torch_matmul_1024_gflops;
+  return {
+    ...(t as TorchStudentTimes),
+    ...(typeof gflops === "number" && gflops > 0 ? { matmul1024Gflops: gflops } : {}),
+  };
 }
 
 async function ensureCheckpoint(dir: string): Promise<void> {
