@@ -1,11 +1,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import {
-  encodeCommand,
-  type EncodeOptions,
-  readPromptsFile,
-  runEncode,
-} from "../../src/cli/encode.ts";
+import { encodeCommand } from "../../src/cli/encode.ts";
+import { readPromptsFile } from "../../src/data/prompts_file.ts";
+import { type EncodeOptions, runEncode } from "../../src/train/encode_file.ts";
 import { SafetensorsFile } from "../../src/io/safetensors.ts";
 import { rejectsWith } from "../helpers.ts";
 import { tinyStudent } from "./tiny_student.ts";
