@@ -52,7 +52,7 @@ export {
   type ParamValue,
 } from "./src/gpu/device.ts";
 export { type DType, Tensor } from "./src/gpu/tensor.ts";
-export { type AdapterReport, adapterReport } from "./src/cli/info.ts";
+export { type AdapterReport, adapterReport } from "./src/gpu/adapter_report.ts";
 
 // Encode: a trained student turns prompts into SDXL conditioning; these are its parts.
 export {
@@ -94,14 +94,14 @@ export { type ResamplerWeights } from "./src/models/resampler_weights.ts";
 export {
   type EncodedFile,
   type EncodeOptions,
-  readPromptsFile,
   runEncode,
   writeConditioning,
-} from "./src/cli/encode.ts";
-export { type RunningServer, type ServeOptions, startServer } from "./src/cli/serve.ts";
+} from "./src/train/encode_file.ts";
+export { readPromptsFile } from "./src/data/prompts_file.ts";
+export { type RunningServer, type ServeOptions, startServer } from "./src/train/server.ts";
 
 // Cache: the SDXL teacher's targets for a caption data set.
-export { type CacheOptions, runCache, type TeacherSource } from "./src/cli/cache.ts";
+export { type CacheOptions, runCache, type TeacherSource } from "./src/data/cache_job.ts";
 export {
   buildTargetCache,
   type BuildTargetCacheOptions,

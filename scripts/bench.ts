@@ -7,7 +7,7 @@ import { readTorchStudentTimes } from "../src/bench/student.ts";
 import { timeBlockedMatmul } from "../src/bench/cpu_matmul.ts";
 import type { BenchResult } from "../src/bench/harness.ts";
 import { parseCommandArgs, UsageError } from "../src/cli/args.ts";
-import { adapterReport } from "../src/cli/info.ts";
+import { adapterReport } from "../src/gpu/adapter_report.ts";
 import { Gpu } from "../src/gpu/device.ts";
 import { writeFileAtomic } from "../src/io/atomic.ts";
 

@@ -1,5 +1,6 @@
 /**
- * `deno task check` (last step): every import inside src/ points down the layer order, never up.
+ * `deno task check` (last step): every import inside src/ points down the layer order, never up,
+ * and mod.ts (the public API) imports nothing from src/cli but the CLI entry.
  * Reads the module graph of mod.ts and the scripts from `deno info --json` (static and dynamic
  * imports, types included) and names each upward import with its file and line.
  *
@@ -65,6 +66,29 @@ export function upwardImports(modules: readonly InfoModule[], root: string): str
   return [...found].sort();
 }
 
+/** The one CLI module mod.ts may import: `main`, the command line's entry. */
+export const MOD_CLI_ENTRY = "src/cli/main.ts";
+
+/**
+ * "mod.ts:line imports src/cli/x.ts (...)" for each import of mod.ts from src/cli other than
+ * the CLI entry: the public API exports library code, and CLI modules hold only argv handling.
+ */
+export function modCliImports(modules: readonly InfoModule[], root: string): string[] {
+  const mod = modules.find((module) => module.specifier === `${root}mod.ts`);
+  const found = new Set<string>();
+  for (const dep of mod?.dependencies ?? []) {
+    for (const target of [dep.code, dep.type]) {
+      const path = target?.specifier.slice(root.length);
+      if (!target || layerOf(target.specifier, root) !== "cli" || path === MOD_CLI_ENTRY) continue;
+      found.add(
+        `mod.ts:${target.span.start.line + 1} imports ${path} (mod.ts exports the library from ` +
+          `below src/cli; of src/cli it imports only ${MOD_CLI_ENTRY}, for main)`,
+      );
+    }
+  }
+  return [...found].sort();
+}
+
 if (import.meta.main) {
   const root = new URL("../", import.meta.url).href;
   const entries = ["mod.ts", ...[...Deno.readDirSync("scripts")].map((e) => `scripts/${e.name}`)]
@@ -84,10 +108,15 @@ if (import.meta.main) {
     }
     return JSON.parse(new TextDecoder().decode(stdout)).modules as InfoModule[];
   }));
-  const upward = upwardImports(graphs.flat(), root);
+  const upward = [...upwardImports(graphs.flat(), root), ...modCliImports(graphs[0], root)];
   if (upward.length) {
-    console.error(`check_layers: ${upward.length} upward import(s):\n  ${upward.join("\n  ")}`);
+    console.error(
+      `check_layers: ${upward.length} import(s) against the layers:\n  ${upward.join("\n  ")}`,
+    );
     Deno.exit(1);
   }
-  console.log(`check_layers: src/ imports point down only (${LAYERS.join(" < ")})`);
+  console.log(
+    `check_layers: src/ imports point down only (${LAYERS.join(" < ")}); mod.ts takes only ` +
+      `${MOD_CLI_ENTRY} from src/cli`,
+  );
 }

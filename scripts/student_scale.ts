@@ -24,7 +24,7 @@ import {
   PeakMemory,
   scriptHelp,
 } from "../src/bench/scale_report.ts";
-import { adapterReport } from "../src/cli/info.ts";
+import { adapterReport } from "../src/gpu/adapter_report.ts";
 import { Gpu } from "../src/gpu/device.ts";
 import { ModelFolder } from "../src/io/hf.ts";
 import { qwen3Forward } from "../src/models/qwen3.ts";

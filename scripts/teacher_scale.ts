@@ -20,7 +20,7 @@ import {
   PeakMemory,
   scriptHelp,
 } from "../src/bench/scale_report.ts";
-import { runCache } from "../src/cli/cache.ts";
+import { runCache } from "../src/data/cache_job.ts";
 import { Gpu } from "../src/gpu/device.ts";
 import { loadSdxlTeacher } from "../src/models/sdxl_teacher.ts";
 import { SDXL_TEXT_ENCODERS, writeRandomSdxlTeacherFolder } from "../src/models/random_sdxl.ts";

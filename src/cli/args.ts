@@ -1,4 +1,8 @@
 import { parseArgs, type ParseArgsConfig } from "node:util";
+import { UsageError } from "../util/usage_error.ts";
+
+// Commands and their tests take UsageError from here, beside the parsing that throws it.
+export { UsageError };
 
 export type OptionSpec = NonNullable<ParseArgsConfig["options"]>;
 
@@ -8,9 +12,6 @@ export interface Command {
   summary: string;
   run(args: string[]): Promise<void>;
 }
-
-/** Thrown for bad command lines; the CLI prints the message and the usage, not a stack trace. */
-export class UsageError extends Error {}
 
 /**
  * Parses `args` with node:util's parseArgs (standing in for jsr:@std/cli) and turns its

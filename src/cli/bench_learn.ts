@@ -19,7 +19,7 @@ import { readMetrics } from "../train/metrics.ts";
 import { train } from "../train/trainer.ts";
 import type { TrainOptions } from "../train/options.ts";
 import { type Command, parseCommandArgs, positiveInteger, UsageError } from "./args.ts";
-import { runCache } from "./cache.ts";
+import { runCache } from "../data/cache_job.ts";
 import { prepareOut } from "./demo.ts";
 
 const PROMPTS = new URL("../../data/prompts/learn/", import.meta.url);

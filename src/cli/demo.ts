@@ -15,8 +15,8 @@ import { describeHeldOut } from "../train/evaluation.ts";
 import type { EvalResult } from "../train/evaluation.ts";
 import { train } from "../train/trainer.ts";
 import { type Command, parseCommandArgs, positiveInteger, UsageError } from "./args.ts";
-import { runCache } from "./cache.ts";
-import { runEncode } from "./encode.ts";
+import { runCache } from "../data/cache_job.ts";
+import { runEncode } from "../train/encode_file.ts";
 
 const PROMPTS = new URL("../../data/prompts/demo_prompts.txt", import.meta.url);
 const MARKER = ".distill-demo";

@@ -25,12 +25,8 @@ import {
 } from "../train/options.ts";
 import { train, type TrainProgress } from "../train/trainer.ts";
 import { type Command, parseCommandArgs, UsageError } from "./args.ts";
-import {
-  explainPermission,
-  formatDuration,
-  progressThrottle,
-  type ScopedTask,
-} from "./progress.ts";
+import { explainPermission, type ScopedTask } from "./progress.ts";
+import { formatDuration, progressThrottle } from "../util/progress.ts";
 import {
   startWandbTracking,
   WANDB_FLAGS_HELP,

@@ -204,7 +204,12 @@ async function writeShard(
   return shardEntry(plan, (await Deno.stat(path)).size, await sha256File(path));
 }
 
-/** The batches of `plans` in order; a batch never crosses a shard. */
+/**
+ * The batches of `plans` in order; a batch never crosses a shard. Not length-bucketed (unlike
+ * training and batch encode): the CLIP teachers read every caption as 77 ids, padding
+ * included, and the targets are all 77 positions' states, so a batch costs the same whatever
+ * its captions' lengths.
+ */
 function batchesOf(plans: readonly ShardPlan[], batchSize: number) {
   return plans.flatMap((plan) => {
     const batches: { plan: ShardPlan; start: number; end: number }[] = [];

@@ -9,6 +9,9 @@
  * The window keeps some randomness in which rows meet; the batch shuffle keeps short and long
  * batches mixed through the epoch.
  *
+ * Batch encoding (`encodePrompts`) sorts all its prompts the same way, with no window or
+ * shuffle: its batches need not be random, only alike in length.
+ *
  * Everything of epoch `e` comes from one `Rng(epochSeed(e))`, so the rows of a step are a
  * function of the seed and the step alone and a run resumed mid-epoch takes the same batches.
  */
@@ -72,15 +75,28 @@ export class StepOrder {
     const used = rng.permutation(train.length).slice(0, stepsPerEpoch * stepBatch);
     const batches: number[][] = [];
     for (let start = 0; start < used.length; start += this.#windowRows) {
-      // Array.prototype.sort is stable: rows of equal length keep their shuffled order.
-      const window = used.slice(start, start + this.#windowRows)
-        .sort((a, b) => lengths[a] - lengths[b]);
-      for (let b = 0; b < window.length; b += stepBatch) {
-        batches.push(window.slice(b, b + stepBatch).map((i) => train[i]));
+      const window = used.slice(start, start + this.#windowRows);
+      for (const batch of lengthSortedBatches(window.map((i) => lengths[i]), stepBatch)) {
+        batches.push(batch.map((k) => train[window[k]]));
       }
     }
     return rng.permutation(batches.length).map((i) => batches[i]);
   }
+}
+
+/**
+ * The indices of `lengths` sorted by length and cut into batches of at most `batchSize`, so
+ * each batch pads only to its own longest row. The sort is stable: rows of equal length keep
+ * their order (a shuffled window's, or the prompts' own). Training cuts each window with it;
+ * batch encoding cuts all its prompts at once.
+ */
+export function lengthSortedBatches(lengths: readonly number[], batchSize: number): number[][] {
+  const order = Array.from(lengths.keys()).sort((a, b) => lengths[a] - lengths[b]);
+  const batches: number[][] = [];
+  for (let start = 0; start < order.length; start += batchSize) {
+    batches.push(order.slice(start, start + batchSize));
+  }
+  return batches;
 }
 
 /** Share of the token positions of some padded batches that are padding. */

@@ -6,6 +6,7 @@ import type { Gpu } from "../gpu/device.ts";
 import { ModelFolder } from "../io/hf.ts";
 import { loadQwenTokenizer, type QwenTokenizer } from "../text/qwen_tokenizer.ts";
 import { destroyAdapter, loadAdapter, readDistillConfig, type TrainedAdapter } from "./adapter.ts";
+import { lengthSortedBatches } from "./batching.ts";
 import { studentForward } from "./step.ts";
 import {
   destroyQwen3Weights,
@@ -78,7 +79,9 @@ export interface Conditioning {
 
 /**
  * Encodes prompts with the student: tokens (in the adapter's prompt mode and limit) ->
- * NF4 Qwen3 + LoRA -> resampler. Processes `batchSize` prompts per GPU pass.
+ * NF4 Qwen3 + LoRA -> resampler. Processes `batchSize` prompts per GPU pass, each pass made of
+ * prompts of similar token length (padded only to that pass's longest), and returns the rows in
+ * the order of `prompts`. Padding does not change a row (attention masks it), only the work.
  */
 export async function encodePrompts(
   gpu: Gpu,
@@ -88,32 +91,38 @@ export async function encodePrompts(
 ): Promise<Conditioning> {
   const { resampler, lora, config } = student.adapter;
   const c = resampler.config;
-  const n = prompts.length;
+  const seqRow = c.numQueries * c.dimSeq;
+  // Tokenized once: the lengths choose the passes, and each pass's ids are cut from these rows.
+  const all = student.tokenizer.encodeBatch(prompts, {
+    mode: config.prompt.mode,
+    maxTokens: config.prompt.maxTokens,
+  });
   const out: Conditioning = {
-    promptEmbeds: new Float32Array(n * c.numQueries * c.dimSeq),
-    pooled: new Float32Array(n * c.dimPooled),
-    batch: n,
+    promptEmbeds: new Float32Array(prompts.length * seqRow),
+    pooled: new Float32Array(prompts.length * c.dimPooled),
+    batch: prompts.length,
     seqLen: c.numQueries,
     seqDim: c.dimSeq,
     pooledDim: c.dimPooled,
-    tokenCounts: [],
-    truncated: [],
+    tokenCounts: all.lengths,
+    truncated: all.truncated,
   };
-  for (let start = 0; start < n; start += batchSize) {
-    const chunk = prompts.slice(start, start + batchSize);
-    const enc = student.tokenizer.encodeBatch(chunk, {
-      mode: config.prompt.mode,
-      maxTokens: config.prompt.maxTokens,
+  for (const rows of lengthSortedBatches(all.lengths, batchSize)) {
+    const lengths = rows.map((row) => all.lengths[row]);
+    const seqLen = Math.max(...lengths);
+    const ids = new Int32Array(rows.length * seqLen).fill(student.tokenizer.padId);
+    rows.forEach((row, b) => {
+      ids.set(all.ids.subarray(row * all.T, row * all.T + lengths[b]), b * seqLen);
     });
-    const tokens = { ids: enc.ids, lengths: enc.lengths, batch: chunk.length, seqLen: enc.T };
+    const tokens = { ids, lengths, batch: rows.length, seqLen };
     const { seq, pooled } = studentForward(gpu, { qwen: student.qwen, lora, resampler }, tokens);
     const [s, p] = (await gpu.readAll([seq, pooled])) as Float32Array[];
     seq.destroy();
     pooled.destroy();
-    out.promptEmbeds.set(s, start * c.numQueries * c.dimSeq);
-    out.pooled.set(p, start * c.dimPooled);
-    out.tokenCounts.push(...enc.lengths);
-    out.truncated.push(...enc.truncated);
+    rows.forEach((row, b) => {
+      out.promptEmbeds.set(s.subarray(b * seqRow, (b + 1) * seqRow), row * seqRow);
+      out.pooled.set(p.subarray(b * c.dimPooled, (b + 1) * c.dimPooled), row * c.dimPooled);
+    });
   }
   return out;
 }

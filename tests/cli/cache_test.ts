@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { UsageError } from "../../src/cli/args.ts";
-import { makeCacheCommand, type OpenedTeacher, runCache } from "../../src/cli/cache.ts";
+import { makeCacheCommand, type OpenedTeacher } from "../../src/cli/cache.ts";
+import { runCache } from "../../src/data/cache_job.ts";
 import { DataError } from "../../src/data/captions.ts";
 import { type CacheManifest, MANIFEST_FILE } from "../../src/data/cache_format.ts";
 import {

@@ -1,13 +1,11 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import {
-  encodeCommand,
-  type EncodeOptions,
-  readPromptsFile,
-  runEncode,
-} from "../../src/cli/encode.ts";
+import { encodeCommand } from "../../src/cli/encode.ts";
+import { readPromptsFile } from "../../src/data/prompts_file.ts";
+import { type EncodeOptions, runEncode } from "../../src/train/encode_file.ts";
 import { SafetensorsFile } from "../../src/io/safetensors.ts";
-import { rejectsWith } from "../helpers.ts";
+import { destroyStudent, encodePrompts, loadStudent } from "../../src/train/student.ts";
+import { rejectsWith, testGpu } from "../helpers.ts";
 import { tinyStudent } from "./tiny_student.ts";
 
 const root = await Deno.makeTempDir({ prefix: "distill-encode-" });
@@ -78,6 +76,47 @@ Deno.test("encode: batching does not change results; a negative prompt is encode
   const json = JSON.parse(await Deno.readTextFile(join(root, "b1.json")));
   assert.deepEqual(json.tensors.negative_pooled_prompt_embeds.shape, [2, 1280]);
   assert.equal(json.metadata.negative_prompt, "blurry");
+});
+
+Deno.test("encodePrompts: passes of alike token length give each prompt its own rows, in the input order", async () => {
+  // Token lengths differ and are out of order, so the passes regroup the prompts.
+  const prompts = [
+    "two dogs to the left of a tall tree under a bright blue sky",
+    "a cat",
+    "",
+    "a red cube on top of a blue sphere",
+    "x ".repeat(100),
+    "a cat",
+    "a glass of water",
+  ];
+  const gpu = await testGpu();
+  const loaded = await loadStudent(gpu, student.qwen, student.adapter);
+  try {
+    // Each prompt encoded on its own: no padding, no reordering.
+    const alone = await Promise.all(prompts.map((p) => encodePrompts(gpu, loaded, [p], 1)));
+    const counts = alone.map((c) => c.tokenCounts[0]);
+    assert.equal(new Set(counts).size, 5, `token counts ${counts}`);
+    for (const batchSize of [3, 8]) {
+      const bucketed = await encodePrompts(gpu, loaded, prompts, batchSize);
+      assert.deepEqual(bucketed.tokenCounts, counts);
+      assert.deepEqual(bucketed.truncated, alone.map((c) => c.truncated[0]));
+      for (const key of ["promptEmbeds", "pooled"] as const) {
+        const row = alone[0][key].length;
+        let worst = 0;
+        let scale = 0;
+        alone.forEach((c, i) => {
+          c[key].forEach((v, j) => {
+            worst = Math.max(worst, Math.abs(v - bucketed[key][i * row + j]));
+            scale = Math.max(scale, Math.abs(v));
+          });
+        });
+        assert.equal(bucketed[key].length, prompts.length * row);
+        assert.ok(worst < 1e-4 * scale, `batch ${batchSize}: ${key} off by ${worst} of ${scale}`);
+      }
+    }
+  } finally {
+    destroyStudent(loaded);
+  }
 });
 
 Deno.test("encode refuses an adapter made for another base model, naming both sizes", async () => {

@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { runEncode } from "../../src/cli/encode.ts";
-import { checkBind, serveCommand, type ServeOptions, startServer } from "../../src/cli/serve.ts";
+import { runEncode } from "../../src/train/encode_file.ts";
+import { checkBind, type ServeOptions, startServer } from "../../src/train/server.ts";
+import { serveCommand } from "../../src/cli/serve.ts";
 import { tinyStudent } from "./tiny_student.ts";
 
 const root = await Deno.makeTempDir({ prefix: "distill-serve-" });

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { gzipSync } from "node:zlib";
-import { type CacheOptions, runCache } from "../../src/cli/cache.ts";
+import { type CacheOptions, runCache } from "../../src/data/cache_job.ts";
 import {
   type CaptionRow,
   DataError,

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { runEncode } from "../../src/cli/encode.ts";
-import { startServer } from "../../src/cli/serve.ts";
+import { runEncode } from "../../src/train/encode_file.ts";
+import { startServer } from "../../src/train/server.ts";
 import { tinyStudent } from "../cli/tiny_student.ts";
 import { runPython, torchPython } from "./python.ts";
 

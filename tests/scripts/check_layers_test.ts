@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { layerOf, upwardImports } from "../../scripts/check_layers.ts";
+import { layerOf, modCliImports, upwardImports } from "../../scripts/check_layers.ts";
 
 const ROOT = "file:///p/";
 const dep = (specifier: string, line: number, kind: "code" | "type" = "code") => ({
@@ -27,4 +27,30 @@ Deno.test("check_layers: upward value and type imports are named with file and l
   ]);
   assert.equal(layerOf(`${ROOT}scripts/s.ts`, ROOT), undefined);
   assert.equal(layerOf(`${ROOT}src/gpu/device.ts`, ROOT), "gpu");
+});
+
+Deno.test("check_layers: mod.ts may import src/cli/main.ts only, of all src/cli", () => {
+  const mod = (deps: ReturnType<typeof dep>[]) => [
+    { specifier: `${ROOT}mod.ts`, dependencies: deps },
+    // Only mod.ts's own imports count: the CLI entry importing commands is its business.
+    { specifier: `${ROOT}src/cli/main.ts`, dependencies: [dep("src/cli/encode.ts", 0)] },
+  ];
+  assert.deepEqual(
+    modCliImports(mod([dep("src/cli/main.ts", 9), dep("src/train/t.ts", 1)]), ROOT),
+    [],
+  );
+  assert.deepEqual(
+    modCliImports(
+      mod([
+        dep("src/cli/main.ts", 9),
+        dep("src/cli/serve.ts", 3),
+        dep("src/cli/info.ts", 1, "type"),
+      ]),
+      ROOT,
+    ),
+    [
+      "mod.ts:2 imports src/cli/info.ts (mod.ts exports the library from below src/cli; of src/cli it imports only src/cli/main.ts, for main)",
+      "mod.ts:4 imports src/cli/serve.ts (mod.ts exports the library from below src/cli; of src/cli it imports only src/cli/main.ts, for main)",
+    ],
+  );
 });
