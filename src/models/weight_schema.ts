@@ -1,8 +1,8 @@
 /**
  * One weight loader for every model (as candle's var_builder): a model declares each tensor
- * once in a `WeightSchema` (name, shape from its config, accepted dtypes, how it goes on the
- * GPU), and `loadWeights` walks that schema against a safetensors file or a Hugging Face model
- * folder. Every header is checked against the schema (missing, misshapen, wrongly typed and
+ * once in a `WeightSchema` (name, shape from its config, how it goes on the GPU, whether it
+ * is optional; every weight may be saved as F32, F16 or BF16), and `loadWeights` walks that
+ * schema against a safetensors file or a Hugging Face model folder. Every header is checked against the schema (missing, misshapen, wrongly typed and
  * unexpected tensors) before any tensor data is read or anything touches the GPU; then the
  * tensors stream on one at a time in file order, shard by shard, so host memory peaks at about
  * one tensor (large 16-bit tensors in row-aligned pieces) beyond a scratch array reused for all.
@@ -11,7 +11,7 @@ import { join } from "node:path";
 import type { Gpu } from "../gpu/device.ts";
 import { type DType, dtypeBytes, numel, Tensor } from "../gpu/tensor.ts";
 import type { ModelFolder } from "../io/hf.ts";
-import type { SafeDType, SafetensorsFile, TensorInfo } from "../io/safetensors.ts";
+import { type SafeDType, SafetensorsFile, type TensorInfo } from "../io/safetensors.ts";
 import { NF4_BLOCK_SIZE, nf4Quantize, type Nf4Quantized } from "../ops/nf4.ts";
 import { type Nf4Weight, uploadNf4Weight } from "../ops/nf4_matmul.ts";
 
@@ -29,8 +29,6 @@ export interface WeightSpec {
   name: string;
   shape: number[];
   placement: WeightPlacement;
-  /** Dtypes the file may hold it in; default F32, F16 and BF16. */
-  dtypes?: readonly SafeDType[];
   /** Absent from a file without error (e.g. an lm_head the encoder never reads). */
   optional?: boolean;
 }
@@ -56,8 +54,9 @@ export interface LoadWeightsOptions {
   storedChunkBytes?: number;
 }
 
-const FLOAT_DTYPES: readonly SafeDType[] = ["F32", "F16", "BF16"];
+/** The dtypes a weight may be saved in, with the GPU dtype a "stored" weight keeps. */
 const GPU_DTYPE: Partial<Record<SafeDType, DType>> = { F32: "f32", F16: "f16", BF16: "bf16" };
+const WEIGHT_DTYPE_LIST = "F32, F16 or BF16";
 const DEFAULT_STORED_CHUNK_BYTES = 64 << 20;
 
 /** `specs(i)` of layers 0..count-1, each name prefixed with `prefix(i)`. */
@@ -90,7 +89,7 @@ interface WeightSource {
 }
 
 function weightSource(files: WeightFiles): WeightSource {
-  if ("path" in files) {
+  if (files instanceof SafetensorsFile) {
     return {
       weightsPath: files.path,
       names: () => files.names(),
@@ -116,12 +115,6 @@ function weightSource(files: WeightFiles): WeightSource {
   };
 }
 
-function dtypeList(dtypes: readonly string[]): string {
-  return dtypes.length > 1
-    ? `${dtypes.slice(0, -1).join(", ")} or ${dtypes[dtypes.length - 1]}`
-    : dtypes[0];
-}
-
 /** Every way the source's headers disagree with the schema, one sentence each. */
 function schemaProblems(source: WeightSource, schema: WeightSchema): string[] {
   const problems: string[] = [];
@@ -129,13 +122,12 @@ function schemaProblems(source: WeightSource, schema: WeightSchema): string[] {
   const present = new Set(source.names());
   for (const spec of schema.tensors) {
     declared.add(spec.name);
-    const dtypes = spec.dtypes ?? FLOAT_DTYPES;
     const tensor = `tensor "${spec.name}"`;
     if (!present.has(spec.name)) {
       if (spec.optional) continue;
       problems.push(
         `${source.weightsPath}: ${tensor} is missing, but ${schema.model} per ${schema.config} ` +
-          `needs it (${dtypeList(dtypes)}, shape [${spec.shape}]); the config and the weights ` +
+          `needs it (${WEIGHT_DTYPE_LIST}, shape [${spec.shape}]); the config and the weights ` +
           "disagree, or the download is incomplete",
       );
       continue;
@@ -148,10 +140,10 @@ function schemaProblems(source: WeightSource, schema: WeightSchema): string[] {
           `[${spec.shape}] for ${schema.model}; the config and the weights disagree`,
       );
     }
-    if (!dtypes.includes(info.dtype)) {
+    if (!(info.dtype in GPU_DTYPE)) {
       problems.push(
         `${file}: ${tensor} is ${info.dtype}, but ${schema.model} reads it as ` +
-          `${dtypeList(dtypes)}; save the weights in one of those dtypes`,
+          `${WEIGHT_DTYPE_LIST}; save the weights in one of those dtypes`,
       );
     }
   }
