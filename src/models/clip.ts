@@ -164,11 +164,14 @@ const LAYER_LINEARS = {
   fc2: "mlp.fc2",
 } as const;
 
-/** One layer's tensors; weight matrices stay in the file's dtype, the rest is f32. */
-function layerSpecs(c: ClipTextConfig, placement: "read" | "unread"): WeightSpec[] {
+/**
+ * One layer's tensors: weight matrices stay in the file's dtype, the rest is f32; none is read
+ * unless `read`.
+ */
+function layerSpecs(c: ClipTextConfig, read: boolean): WeightSpec[] {
   const h = c.hiddenSize;
-  const f32 = placement === "read" ? "f32" : "unread";
-  const stored = placement === "read" ? "stored" : "unread";
+  const f32 = read ? "f32" : "unread";
+  const stored = read ? "stored" : "unread";
   const inOut: Record<keyof typeof LAYER_LINEARS, [number, number]> = {
     q: [h, h],
     k: [h, h],
@@ -209,7 +212,7 @@ export function clipWeightSchema(
     ...perLayer(
       c.numLayers,
       layerPrefix,
-      (i) => layerSpecs(c, i < c.numLayers - 1 || options.pooled ? "read" : "unread"),
+      (i) => layerSpecs(c, i < c.numLayers - 1 || options.pooled),
     ),
     { name: `${FINAL_NORM}.weight`, shape: [h], placement: pooling },
     { name: `${FINAL_NORM}.bias`, shape: [h], placement: pooling },
@@ -253,7 +256,8 @@ export async function loadClipTextModel(
     configPath: `${folder.dir}/config.json`,
   });
   const loaded = await loadWeights(gpu, folder, schema, { onTensor: options.onTensor });
-  const pair = (name: string): Linear => ({
+  /** A Linear's or a LayerNorm's weight and bias. */
+  const pair = (name: string): Linear & Norm => ({
     weight: loaded.tensor(`${name}.weight`),
     bias: loaded.tensor(`${name}.bias`),
   });
