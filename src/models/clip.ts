@@ -19,7 +19,7 @@
  * `eos` rows alone (each query attends to keys 0..eos, exactly the causal row).
  */
 import type { Gpu } from "../gpu/device.ts";
-import type { DType, Tensor } from "../gpu/tensor.ts";
+import type { Tensor } from "../gpu/tensor.ts";
 import type { ModelFolder } from "../io/hf.ts";
 import { gelu, quickGelu } from "../ops/activation.ts";
 import { attention } from "../ops/attention.ts";
@@ -27,6 +27,7 @@ import { addInPlace } from "../ops/elementwise.ts";
 import { embeddingGather } from "../ops/embedding.ts";
 import { matmul } from "../ops/matmul.ts";
 import { layerNorm } from "../ops/norm.ts";
+import { loadWeights, perLayer, type WeightSchema, type WeightSpec } from "./weight_schema.ts";
 
 /** The activations CLIP text configs name in `hidden_act`. */
 export const CLIP_ACTIVATIONS = ["quick_gelu", "gelu"] as const;
@@ -53,7 +54,6 @@ const FINAL_NORM = `${PREFIX}final_layer_norm`;
 const TEXT_PROJECTION = "text_projection.weight";
 /** A buffer older transformers versions saved with the weights; never read. */
 const POSITION_IDS = `${PREFIX}embeddings.position_ids`;
-const LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"];
 
 /** Reads and checks the sizes of a CLIP text config. */
 export function clipTextConfig(folder: ModelFolder): ClipTextConfig {
@@ -151,131 +151,85 @@ export interface LoadClipOptions {
   onTensor?: (name: string, done: number, total: number) => void;
 }
 
-const DTYPE_OF: Record<string, DType> = { F32: "f32", F16: "f16", BF16: "bf16" };
+const layerPrefix = (i: number) => `${PREFIX}encoder.layers.${i}.`;
 
-/** Weight matrices are kept in the file's dtype; everything else is read as f32. */
-type Storage = "as-stored" | "f32";
+/** A layer's LayerNorm and Linear modules, by their names in the layer. */
+const LAYER_NORMS = { layerNorm1: "layer_norm1", layerNorm2: "layer_norm2" } as const;
+const LAYER_LINEARS = {
+  q: "self_attn.q_proj",
+  k: "self_attn.k_proj",
+  v: "self_attn.v_proj",
+  out: "self_attn.out_proj",
+  fc1: "mlp.fc1",
+  fc2: "mlp.fc2",
+} as const;
 
-interface ExpectedTensor {
-  shape: number[];
-  storage: Storage;
-  /** Read by this load (the last layer and the pooling head only with `pooled`). */
-  needed: boolean;
-}
-
-type PutTensor = (name: string, shape: number[], storage: Storage, needed: boolean) => void;
-
-function putLayerTensors(put: PutTensor, c: ClipTextConfig, i: number, needed: boolean): void {
-  const p = `${PREFIX}encoder.layers.${i}.`;
+/**
+ * One layer's tensors: weight matrices stay in the file's dtype, the rest is f32; none is read
+ * unless `read`.
+ */
+function layerSpecs(c: ClipTextConfig, read: boolean): WeightSpec[] {
   const h = c.hiddenSize;
-  for (const norm of ["layer_norm1", "layer_norm2"]) {
-    put(`${p}${norm}.weight`, [h], "f32", needed);
-    put(`${p}${norm}.bias`, [h], "f32", needed);
-  }
-  const linears: [string, number, number][] = [
-    ...LINEARS.map((name): [string, number, number] => [name, h, h]),
-    ["mlp.fc1", c.intermediateSize, h],
-    ["mlp.fc2", h, c.intermediateSize],
+  const f32 = read ? "f32" : "unread";
+  const stored = read ? "stored" : "unread";
+  const inOut: Record<keyof typeof LAYER_LINEARS, [number, number]> = {
+    q: [h, h],
+    k: [h, h],
+    v: [h, h],
+    out: [h, h],
+    fc1: [h, c.intermediateSize],
+    fc2: [c.intermediateSize, h],
+  };
+  return [
+    ...Object.values(LAYER_NORMS).flatMap((norm): WeightSpec[] => [
+      { name: `${norm}.weight`, shape: [h], placement: f32 },
+      { name: `${norm}.bias`, shape: [h], placement: f32 },
+    ]),
+    ...Object.entries(LAYER_LINEARS).flatMap(([key, linear]): WeightSpec[] => {
+      const [inFeatures, out] = inOut[key as keyof typeof LAYER_LINEARS];
+      return [
+        { name: `${linear}.weight`, shape: [out, inFeatures], placement: stored },
+        { name: `${linear}.bias`, shape: [out], placement: f32 },
+      ];
+    }),
   ];
-  for (const [name, out, inp] of linears) {
-    put(`${p}${name}.weight`, [out, inp], "as-stored", needed);
-    put(`${p}${name}.bias`, [out], "f32", needed);
-  }
 }
 
 /**
- * Every tensor the config implies, with its shape and storage; `needed` marks what a load
- * with or without `pooled` reads.
+ * Every tensor of a CLIP text model (Hugging Face names) with its shape from `c`;
+ * `projectionDim` declares a `text_projection` (CLIPTextModelWithProjection). Without `pooled`,
+ * the last layer, final_layer_norm and text_projection are checked but not read.
  */
-function expectedTensors(
-  folder: ModelFolder,
+export function clipWeightSchema(
   c: ClipTextConfig,
-  pooled: boolean,
-): Map<string, ExpectedTensor> {
-  const expected = new Map<string, ExpectedTensor>();
-  const put: PutTensor = (name, shape, storage, needed) => {
-    expected.set(name, { shape, storage, needed });
+  options: { pooled: boolean; projectionDim?: number; configPath: string },
+): WeightSchema {
+  const h = c.hiddenSize;
+  const pooling = options.pooled ? "f32" : "unread";
+  const tensors: WeightSpec[] = [
+    { name: TOKEN_EMBEDDING, shape: [c.vocabSize, h], placement: "stored" },
+    { name: POSITION_EMBEDDING, shape: [c.maxPositions, h], placement: "f32" },
+    ...perLayer(
+      c.numLayers,
+      layerPrefix,
+      (i) => layerSpecs(c, i < c.numLayers - 1 || options.pooled),
+    ),
+    { name: `${FINAL_NORM}.weight`, shape: [h], placement: pooling },
+    { name: `${FINAL_NORM}.bias`, shape: [h], placement: pooling },
+  ];
+  if (options.projectionDim !== undefined) {
+    tensors.push({
+      name: TEXT_PROJECTION,
+      shape: [options.projectionDim, h],
+      placement: options.pooled ? "stored" : "unread",
+    });
+  }
+  return {
+    model: `a CLIP text model with ${c.numLayers} layers`,
+    config: options.configPath,
+    tensors,
+    ignore: (name) => name === POSITION_IDS,
   };
-  put(TOKEN_EMBEDDING, [c.vocabSize, c.hiddenSize], "as-stored", true);
-  put(POSITION_EMBEDDING, [c.maxPositions, c.hiddenSize], "f32", true);
-  for (let i = 0; i < c.numLayers; i++) putLayerTensors(put, c, i, i < c.numLayers - 1 || pooled);
-  put(`${FINAL_NORM}.weight`, [c.hiddenSize], "f32", pooled);
-  put(`${FINAL_NORM}.bias`, [c.hiddenSize], "f32", pooled);
-  if (folder.has(TEXT_PROJECTION)) {
-    put(
-      TEXT_PROJECTION,
-      [folder.configInteger("projection_dim"), c.hiddenSize],
-      "as-stored",
-      pooled,
-    );
-  }
-  return expected;
-}
-
-/** Checks names, shapes and dtypes of the folder's tensors against its config (headers only). */
-function checkClipTensors(
-  folder: ModelFolder,
-  c: ClipTextConfig,
-  pooled: boolean,
-): Map<string, ExpectedTensor> {
-  const configPath = `${folder.dir}/config.json`;
-  if (pooled && !folder.has(TEXT_PROJECTION)) {
-    throw new Error(
-      `${folder.weightsPath}: no tensor "${TEXT_PROJECTION}", which the pooled output needs; ` +
-        `${folder.dir} must hold a CLIPTextModelWithProjection (SDXL's text_encoder_2/)`,
-    );
-  }
-  const expected = expectedTensors(folder, c, pooled);
-  for (const [name, { shape }] of expected) {
-    if (!folder.has(name)) {
-      throw new Error(
-        `${folder.weightsPath}: tensor "${name}" is missing, but ${configPath} ` +
-          `(num_hidden_layers ${c.numLayers}) needs it; the config and the weights disagree, ` +
-          `or the download is incomplete`,
-      );
-    }
-    const info = folder.info(name);
-    if (info.shape.join(",") !== shape.join(",")) {
-      throw new Error(
-        `${folder.dir}/${info.shard}: tensor "${name}" has shape [${info.shape}] but ` +
-          `${configPath} implies [${shape}]; the config and the weights disagree`,
-      );
-    }
-    if (!(info.dtype in DTYPE_OF)) {
-      throw new Error(
-        `${folder.dir}/${info.shard}: tensor "${name}" is ${info.dtype}; expected F32, F16 or BF16`,
-      );
-    }
-  }
-  for (const name of folder.names()) {
-    if (!expected.has(name) && name !== POSITION_IDS) {
-      throw new Error(
-        `${folder.dir}/${folder.shardOf(name)}: unexpected tensor "${name}" for a CLIP text ` +
-          `model with ${c.numLayers} layers per ${configPath}; the config and the weights disagree`,
-      );
-    }
-  }
-  return expected;
-}
-
-async function uploadTensor(
-  gpu: Gpu,
-  folder: ModelFolder,
-  name: string,
-  shape: number[],
-  storage: Storage,
-): Promise<Tensor> {
-  const dtype = DTYPE_OF[folder.info(name).dtype];
-  if (storage === "f32" || dtype === "f32") {
-    return gpu.upload(await folder.readF32(name), shape, "f32", name);
-  }
-  const bytes = await folder.readBytes(name);
-  return gpu.upload(
-    new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2),
-    shape,
-    dtype,
-    name,
-  );
 }
 
 /**
@@ -289,61 +243,50 @@ export async function loadClipTextModel(
 ): Promise<ClipTextModel> {
   const pooled = options.pooled ?? false;
   const config = clipTextConfig(folder);
-  const expected = checkClipTensors(folder, config, pooled);
-  const needed = [...expected.values()].filter((e) => e.needed).length;
-  const byName = new Map<string, Tensor>();
-  let gpuBytes = 0;
-  try {
-    for (const shard of folder.shards()) {
-      for (const name of folder.namesInShard(shard)) {
-        const entry = expected.get(name);
-        if (!entry?.needed) continue;
-        const t = await uploadTensor(gpu, folder, name, entry.shape, entry.storage);
-        gpuBytes += t.byteLength;
-        byName.set(name, t);
-        options.onTensor?.(name, byName.size, needed);
-      }
-      folder.closeShard(shard);
-    }
-  } catch (error) {
-    for (const t of byName.values()) t.destroy();
-    throw error;
+  const hasProjection = folder.has(TEXT_PROJECTION);
+  if (pooled && !hasProjection) {
+    throw new Error(
+      `${folder.weightsPath}: no tensor "${TEXT_PROJECTION}", which the pooled output needs; ` +
+        `${folder.dir} must hold a CLIPTextModelWithProjection (SDXL's text_encoder_2/)`,
+    );
   }
-  const get = (name: string) => byName.get(name)!;
-  const norm = (name: string): Norm => ({
-    weight: get(`${name}.weight`),
-    bias: get(`${name}.bias`),
+  const schema = clipWeightSchema(config, {
+    pooled,
+    projectionDim: hasProjection ? folder.configInteger("projection_dim") : undefined,
+    configPath: `${folder.dir}/config.json`,
   });
-  const linear = (name: string): Linear => ({
-    weight: get(`${name}.weight`),
-    bias: get(`${name}.bias`),
+  const loaded = await loadWeights(gpu, folder, schema, { onTensor: options.onTensor });
+  /** A Linear's or a LayerNorm's weight and bias. */
+  const pair = (name: string): Linear & Norm => ({
+    weight: loaded.tensor(`${name}.weight`),
+    bias: loaded.tensor(`${name}.bias`),
   });
   const layer = (i: number): ClipLayer => {
-    const p = `${PREFIX}encoder.layers.${i}.`;
+    const p = layerPrefix(i);
     return {
-      layerNorm1: norm(`${p}layer_norm1`),
-      layerNorm2: norm(`${p}layer_norm2`),
-      q: linear(`${p}self_attn.q_proj`),
-      k: linear(`${p}self_attn.k_proj`),
-      v: linear(`${p}self_attn.v_proj`),
-      out: linear(`${p}self_attn.out_proj`),
-      fc1: linear(`${p}mlp.fc1`),
-      fc2: linear(`${p}mlp.fc2`),
+      layerNorm1: pair(p + LAYER_NORMS.layerNorm1),
+      layerNorm2: pair(p + LAYER_NORMS.layerNorm2),
+      q: pair(p + LAYER_LINEARS.q),
+      k: pair(p + LAYER_LINEARS.k),
+      v: pair(p + LAYER_LINEARS.v),
+      out: pair(p + LAYER_LINEARS.out),
+      fc1: pair(p + LAYER_LINEARS.fc1),
+      fc2: pair(p + LAYER_LINEARS.fc2),
     };
   };
   const model: ClipTextModel = {
     config,
-    tokenEmbedding: get(TOKEN_EMBEDDING),
-    positionEmbedding: get(POSITION_EMBEDDING),
+    tokenEmbedding: loaded.tensor(TOKEN_EMBEDDING),
+    positionEmbedding: loaded.tensor(POSITION_EMBEDDING),
     layers: Array.from({ length: config.numLayers - 1 }, (_, i) => layer(i)),
-    gpuBytes,
+    gpuBytes: loaded.gpuBytes,
     source: folder.dir,
   };
   if (pooled) {
-    const projection = get(TEXT_PROJECTION);
+    const projection = loaded.tensor(TEXT_PROJECTION);
     model.pooling = {
       lastLayer: layer(config.numLayers - 1),
-      finalNorm: norm(FINAL_NORM),
+      finalNorm: pair(FINAL_NORM),
       projection,
     };
     model.pooledDim = projection.shape[0];

@@ -1,9 +1,15 @@
 import type { Gpu } from "../gpu/device.ts";
-import { type DType, dtypeBytes, type Tensor } from "../gpu/tensor.ts";
+import type { Tensor } from "../gpu/tensor.ts";
 import type { ModelFolder } from "../io/hf.ts";
+import type { Nf4Weight } from "../ops/nf4_matmul.ts";
 import { type LinearName, type LinearShapes, QWEN3_LINEARS } from "./lora.ts";
-import { NF4_BLOCK_SIZE, nf4Quantize, type Nf4Quantized } from "../ops/nf4.ts";
-import { type Nf4Weight, uploadNf4Weight } from "../ops/nf4_matmul.ts";
+import {
+  checkWeights,
+  loadWeights,
+  perLayer,
+  type WeightSchema,
+  type WeightSpec,
+} from "./weight_schema.ts";
 
 /** The sizes a Qwen3 decoder needs, read from its config.json. */
 export interface Qwen3Config {
@@ -119,121 +125,73 @@ export interface LoadQwen3Options {
   embedChunkBytes?: number;
 }
 
-const DTYPE_OF: Record<string, DType> = { F32: "f32", F16: "f16", BF16: "bf16" };
+const EMBED = "model.embed_tokens.weight";
+const FINAL_NORM = "model.norm.weight";
+const layerPrefix = (i: number) => `model.layers.${i}.`;
+/** A decoder layer's RMSNorm weights, by their names in the layer. */
+const LAYER_NORMS = {
+  inputNorm: "input_layernorm.weight",
+  postNorm: "post_attention_layernorm.weight",
+  qNorm: "self_attn.q_norm.weight",
+  kNorm: "self_attn.k_norm.weight",
+} as const;
 
-function expectedTensors(c: Qwen3Config): Map<string, number[]> {
+/**
+ * Every tensor of a Qwen3 checkpoint in transformers' state-dict order, with its shape from
+ * `c`; decoder linears are quantized to NF4 unless `quantize` is "none". The lm_head a
+ * Qwen3ForCausalLM carries is checked but never read.
+ */
+export function qwen3WeightSchema(
+  c: Qwen3Config,
+  quantize: "nf4" | "none",
+  configPath: string,
+): WeightSchema {
   const shapes = qwen3LinearShapes(c);
-  const expected = new Map<string, number[]>();
-  expected.set("model.embed_tokens.weight", [c.vocabSize, c.hiddenSize]);
-  expected.set("model.norm.weight", [c.hiddenSize]);
-  for (let i = 0; i < c.numLayers; i++) {
-    const p = `model.layers.${i}.`;
-    expected.set(`${p}input_layernorm.weight`, [c.hiddenSize]);
-    expected.set(`${p}post_attention_layernorm.weight`, [c.hiddenSize]);
-    expected.set(`${p}self_attn.q_norm.weight`, [c.headDim]);
-    expected.set(`${p}self_attn.k_norm.weight`, [c.headDim]);
-    for (const [name, module] of Object.entries(QWEN3_LINEARS)) {
-      const { in: k, out: n } = shapes[name as LinearName];
-      expected.set(`${p}${module}.weight`, [n, k]);
-    }
-  }
-  return expected;
-}
-
-/** Tensors a Qwen3 checkpoint may carry that the encoder never reads. */
-function isIgnored(name: string): boolean {
-  return name === "lm_head.weight" || name.endsWith("rotary_emb.inv_freq");
+  const linear = (name: LinearName): WeightSpec => ({
+    name: `${QWEN3_LINEARS[name]}.weight`,
+    shape: [shapes[name].out, shapes[name].in],
+    placement: quantize === "nf4" ? "nf4" : "f32",
+  });
+  const norm = (name: string, size: number): WeightSpec => ({
+    name,
+    shape: [size],
+    placement: "f32",
+  });
+  return {
+    model: `a Qwen3 decoder with ${c.numLayers} layers`,
+    config: configPath,
+    tensors: [
+      { name: EMBED, shape: [c.vocabSize, c.hiddenSize], placement: "stored" },
+      ...perLayer(c.numLayers, layerPrefix, () => [
+        ...(["q_proj", "k_proj", "v_proj", "o_proj"] as const).map(linear),
+        norm(LAYER_NORMS.qNorm, c.headDim),
+        norm(LAYER_NORMS.kNorm, c.headDim),
+        ...(["gate_proj", "up_proj", "down_proj"] as const).map(linear),
+        norm(LAYER_NORMS.inputNorm, c.hiddenSize),
+        norm(LAYER_NORMS.postNorm, c.hiddenSize),
+      ]),
+      norm(FINAL_NORM, c.hiddenSize),
+      {
+        name: "lm_head.weight",
+        shape: [c.vocabSize, c.hiddenSize],
+        placement: "unread",
+        optional: true,
+      },
+    ],
+    // Rotary frequencies some checkpoints saved as buffers; computed from rope_theta instead.
+    ignore: (name) => name.endsWith("rotary_emb.inv_freq"),
+  };
 }
 
 /** Checks the folder's tensors against its config before anything is read. */
-export function checkQwen3Tensors(folder: ModelFolder, c: Qwen3Config): Map<string, number[]> {
-  const expected = expectedTensors(c);
-  const configPath = `${folder.dir}/config.json`;
-  for (const [name, shape] of expected) {
-    if (!folder.has(name)) {
-      throw new Error(
-        `${folder.weightsPath}: tensor '${name}' is missing, but ${configPath} ` +
-          `(num_hidden_layers ${c.numLayers}) needs it; is the download complete?`,
-      );
-    }
-    const info = folder.info(name);
-    if (info.shape.join(",") !== shape.join(",")) {
-      throw new Error(
-        `${folder.dir}/${info.shard}: tensor '${name}' has shape [${info.shape}] but ` +
-          `${configPath} implies [${shape}]; the config and the weights disagree`,
-      );
-    }
-    if (!(info.dtype in DTYPE_OF)) {
-      throw new Error(
-        `${folder.dir}/${info.shard}: tensor '${name}' is ${info.dtype}; expected F32, F16 or BF16`,
-      );
-    }
-  }
-  for (const name of folder.names()) {
-    if (!expected.has(name) && !isIgnored(name)) {
-      throw new Error(
-        `${folder.dir}/${folder.shardOf(name)}: unexpected tensor '${name}' for a Qwen3 with ` +
-          `${c.numLayers} layers per ${configPath}; the config and the weights disagree`,
-      );
-    }
-  }
-  return expected;
-}
-
-const DEFAULT_EMBED_CHUNK_BYTES = 64 << 20;
-
-/**
- * Streams the [vocab, hidden] embedding table onto the GPU in row-aligned pieces of about
- * `targetChunkBytes`, in the checkpoint's own dtype, so the host never holds all of it.
- */
-async function uploadEmbedding(
-  gpu: Gpu,
-  folder: ModelFolder,
-  name: string,
-  shape: number[],
-  dtype: DType,
-  targetChunkBytes: number,
-): Promise<Tensor> {
-  const t = gpu.empty(shape, dtype, name);
-  const rowBytes = shape[1] * dtypeBytes(dtype);
-  let rows = Math.max(1, Math.floor(targetChunkBytes / rowBytes));
-  // Queue writes need 4-byte aligned offsets: 2-byte rows of odd width go in pairs.
-  if (rowBytes % 4 !== 0 && rows % 2 !== 0) rows++;
-  const chunkBytes = rows * rowBytes;
-  const totalBytes = shape[0] * rowBytes;
-  for (let offset = 0; offset < totalBytes; offset += chunkBytes) {
-    const length = Math.min(chunkBytes, totalBytes - offset);
-    gpu.write(t, await folder.readRange(name, offset, length), offset);
-  }
-  return t;
-}
-
-/**
- * Host arrays reused for every tensor, sized for the largest decoder linear: a loader that
- * allocated each tensor's f32 values and NF4 arrays afresh would hand gigabytes to the garbage
- * collector over a load. Safe because each upload copies the data before the next read.
- */
-interface LoadScratch {
-  values: Float32Array;
-  nf4: Nf4Quantized;
-}
-
-function loadScratch(c: Qwen3Config): LoadScratch {
-  // Every other tensor read through here (the norms) is smaller than any linear.
-  const largest = Math.max(...Object.values(qwen3LinearShapes(c)).map((s) => s.in * s.out));
-  return {
-    values: new Float32Array(largest),
-    nf4: {
-      packed: new Uint8Array(Math.ceil(largest / 2)),
-      absmax: new Float32Array(Math.ceil(largest / NF4_BLOCK_SIZE)),
-    },
-  };
+export function checkQwen3Tensors(folder: ModelFolder, c: Qwen3Config): void {
+  checkWeights(folder, qwen3WeightSchema(c, "nf4", `${folder.dir}/config.json`));
 }
 
 /**
  * Streams a Qwen3 checkpoint onto the GPU one shard and one tensor at a time (the embedding
- * table in pieces), quantizing each decoder linear to NF4 as it is read into reused scratch
- * arrays, so host memory peaks at about one linear's worth of arrays beyond the GPU's own.
+ * table in pieces, in its own dtype), quantizing each decoder linear to NF4 as it is read, so
+ * host memory peaks at about one linear's worth of arrays beyond the GPU's own.
  */
 export async function loadQwen3Weights(
   gpu: Gpu,
@@ -241,65 +199,40 @@ export async function loadQwen3Weights(
   options: LoadQwen3Options = {},
 ): Promise<Qwen3Weights> {
   const config = qwen3Config(folder);
-  const expected = checkQwen3Tensors(folder, config);
   const quantize = options.quantize ?? "nf4";
-  const embedChunkBytes = options.embedChunkBytes ?? DEFAULT_EMBED_CHUNK_BYTES;
-  if (!(embedChunkBytes > 0)) {
+  const embedChunkBytes = options.embedChunkBytes;
+  if (embedChunkBytes !== undefined && !(embedChunkBytes > 0)) {
     throw new Error(`loadQwen3Weights: embedChunkBytes must be positive, got ${embedChunkBytes}`);
   }
-  const scratch = loadScratch(config);
-  const byName = new Map<string, Tensor | Nf4Weight>();
-  let gpuBytes = 0;
-  let done = 0;
-  for (const shard of folder.shards()) {
-    for (const name of folder.namesInShard(shard)) {
-      const shape = expected.get(name);
-      if (!shape) continue;
-      if (name === "model.embed_tokens.weight") {
-        const dtype = DTYPE_OF[folder.info(name).dtype];
-        const t = await uploadEmbedding(gpu, folder, name, shape, dtype, embedChunkBytes);
-        gpuBytes += t.byteLength;
-        byName.set(name, t);
-      } else if (name.endsWith("_proj.weight") && quantize === "nf4") {
-        const values = await folder.readF32(name, scratch.values);
-        const q = nf4Quantize(values, NF4_BLOCK_SIZE, scratch.nf4);
-        const w = uploadNf4Weight(gpu, q, shape[0], shape[1], name);
-        gpuBytes += w.packed.byteLength + w.absmax.byteLength;
-        byName.set(name, w);
-      } else {
-        const t = gpu.upload(await folder.readF32(name, scratch.values), shape, "f32", name);
-        gpuBytes += t.byteLength;
-        byName.set(name, t);
-      }
-      options.onTensor?.(name, ++done, expected.size);
-    }
-    folder.closeShard(shard);
-  }
-  const tensor = (name: string) => byName.get(name) as Tensor;
+  const schema = qwen3WeightSchema(config, quantize, `${folder.dir}/config.json`);
+  const loaded = await loadWeights(gpu, folder, schema, {
+    onTensor: options.onTensor,
+    storedChunkBytes: embedChunkBytes,
+  });
   const layers: Qwen3Layer[] = [];
   for (let i = 0; i < config.numLayers; i++) {
-    const p = `model.layers.${i}.`;
+    const p = layerPrefix(i);
     const linears = {} as Record<LinearName, FrozenLinear>;
     for (const [short, module] of Object.entries(QWEN3_LINEARS)) {
-      const w = byName.get(`${p}${module}.weight`)!;
+      const name = `${p}${module}.weight`;
       linears[short as LinearName] = quantize === "nf4"
-        ? { kind: "nf4", weight: w as Nf4Weight }
-        : { kind: "f32", weight: w as Tensor };
+        ? { kind: "nf4", weight: loaded.nf4(name) }
+        : { kind: "f32", weight: loaded.tensor(name) };
     }
     layers.push({
-      inputNorm: tensor(`${p}input_layernorm.weight`),
-      postNorm: tensor(`${p}post_attention_layernorm.weight`),
-      qNorm: tensor(`${p}self_attn.q_norm.weight`),
-      kNorm: tensor(`${p}self_attn.k_norm.weight`),
+      inputNorm: loaded.tensor(p + LAYER_NORMS.inputNorm),
+      postNorm: loaded.tensor(p + LAYER_NORMS.postNorm),
+      qNorm: loaded.tensor(p + LAYER_NORMS.qNorm),
+      kNorm: loaded.tensor(p + LAYER_NORMS.kNorm),
       linears,
     });
   }
   return {
     config,
-    embed: tensor("model.embed_tokens.weight"),
+    embed: loaded.tensor(EMBED),
     layers,
-    norm: tensor("model.norm.weight"),
-    gpuBytes,
+    norm: loaded.tensor(FINAL_NORM),
+    gpuBytes: loaded.gpuBytes,
   };
 }
 

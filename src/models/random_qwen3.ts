@@ -23,8 +23,7 @@ import { writeAll, writeAtomic, writeFileAtomic } from "../io/atomic.ts";
 import { DTYPE_BYTES, f32ToBf16Bits, f32ToF16Bits } from "../io/dtype.ts";
 import type { JsonObject } from "../text/tokenizer_files.ts";
 import { Rng } from "../util/rng.ts";
-import { QWEN3_LINEARS } from "./lora.ts";
-import { type Qwen3Config, qwen3LinearShapes } from "./qwen3_weights.ts";
+import { type Qwen3Config, qwen3WeightSchema } from "./qwen3_weights.ts";
 
 /** A Qwen3's sizes; rope theta and the norm epsilon default to Qwen3's 1e6 and 1e-6. */
 export type RandomQwen3Sizes =
@@ -114,32 +113,20 @@ function checkSizes(sizes: RandomQwen3Sizes): Qwen3Config {
   return config;
 }
 
-/** The tensors in transformers' state-dict order (the order shards are filled in). */
+/**
+ * The tensors the Qwen3 weight schema declares (transformers' state-dict order, the order
+ * shards are filled in), less the optional lm_head; the RMSNorm weights centred on 1.
+ */
 function tensorPlan(c: Qwen3Config, dtype: RandomQwen3DType): TensorPlan[] {
-  const shapes = qwen3LinearShapes(c);
-  const plan: TensorPlan[] = [];
-  const add = (name: string, shape: number[], mean: number) =>
-    plan.push({
+  return qwen3WeightSchema(c, "none", "config.json").tensors
+    .filter((spec) => !spec.optional)
+    .map(({ name, shape }) => ({
       name,
       shape,
-      mean,
+      mean: name.endsWith("norm.weight") ? 1 : 0,
       std: WEIGHT_STD,
       byteLength: shape.reduce((a, b) => a * b, 1) * DTYPE_BYTES[dtype],
-    });
-  add("model.embed_tokens.weight", [c.vocabSize, c.hiddenSize], 0);
-  for (let i = 0; i < c.numLayers; i++) {
-    const p = `model.layers.${i}.`;
-    const linear = (name: keyof typeof QWEN3_LINEARS) =>
-      add(`${p}${QWEN3_LINEARS[name]}.weight`, [shapes[name].out, shapes[name].in], 0);
-    for (const name of ["q_proj", "k_proj", "v_proj", "o_proj"] as const) linear(name);
-    add(`${p}self_attn.q_norm.weight`, [c.headDim], 1);
-    add(`${p}self_attn.k_norm.weight`, [c.headDim], 1);
-    for (const name of ["gate_proj", "up_proj", "down_proj"] as const) linear(name);
-    add(`${p}input_layernorm.weight`, [c.hiddenSize], 1);
-    add(`${p}post_attention_layernorm.weight`, [c.hiddenSize], 1);
-  }
-  add("model.norm.weight", [c.hiddenSize], 1);
-  return plan;
+    }));
 }
 
 /**

@@ -9,6 +9,7 @@ import { f32ToF16Bits } from "../io/dtype.ts";
 import { type TensorToWrite, writeSafetensors } from "../io/safetensors.ts";
 import { CLIP_TOKENIZER_DIR } from "../text/clip_tokenizer.ts";
 import { Rng } from "../util/rng.ts";
+import { clipWeightSchema } from "./clip.ts";
 
 const TOKENIZER_FILES = [
   "vocab.json",
@@ -57,10 +58,26 @@ function randomF16(rng: Rng, n: number, std: number, mean = 0): Uint16Array {
   return out;
 }
 
+const MAX_POSITIONS = 77;
+const LAYER_NORM_EPS = 1e-5;
+
+/**
+ * The mean and std of a tensor's random values, scaled like CLIP's initialisation so that
+ * activations stay in range through every layer: LayerNorm weights near 1, small biases and
+ * embeddings, weight matrices 1/sqrt(input features).
+ */
+function initialSpread(name: string, shape: number[]): { std: number; mean: number } {
+  if (name.endsWith("position_embedding.weight")) return { std: 0.01, mean: 0 };
+  if (name.endsWith("token_embedding.weight") || name.endsWith(".bias")) {
+    return { std: 0.02, mean: 0 };
+  }
+  if (name.includes("layer_norm")) return { std: 0.05, mean: 1 };
+  return { std: 1 / Math.sqrt(shape[1]), mean: 0 };
+}
+
 /**
  * Writes a random CLIP text encoder (config.json and an F16 model.safetensors with Hugging
- * Face's key names) into `dir`. Weights are scaled like CLIP's initialisation so activations
- * stay in range through every layer.
+ * Face's key names, those the CLIP weight schema declares) into `dir`.
  */
 export async function writeRandomClipTextEncoder(
   dir: string,
@@ -69,37 +86,26 @@ export async function writeRandomClipTextEncoder(
 ): Promise<void> {
   const rng = new Rng(seed);
   const h = shape.hiddenSize;
-  const tensors: TensorToWrite[] = [];
-  const put = (name: string, dims: number[], std: number, mean = 0) =>
-    tensors.push({
+  const schema = clipWeightSchema({
+    hiddenSize: h,
+    numLayers: shape.numLayers,
+    numHeads: shape.numHeads,
+    headDim: h / shape.numHeads,
+    intermediateSize: shape.intermediateSize,
+    vocabSize: shape.vocabSize,
+    maxPositions: MAX_POSITIONS,
+    layerNormEps: LAYER_NORM_EPS,
+    hiddenAct: shape.hiddenAct,
+  }, { pooled: true, projectionDim: shape.projectionDim, configPath: "config.json" });
+  const tensors: TensorToWrite[] = schema.tensors.map(({ name, shape: dims }) => {
+    const { std, mean } = initialSpread(name, dims);
+    return {
       name,
       dtype: "F16",
       shape: dims,
       data: randomF16(rng, dims.reduce((a, b) => a * b, 1), std, mean),
-    });
-  const linear = (name: string, out: number, inp: number) => {
-    put(`${name}.weight`, [out, inp], 1 / Math.sqrt(inp));
-    put(`${name}.bias`, [out], 0.02);
-  };
-  put("text_model.embeddings.token_embedding.weight", [shape.vocabSize, h], 0.02);
-  put("text_model.embeddings.position_embedding.weight", [77, h], 0.01);
-  for (let i = 0; i < shape.numLayers; i++) {
-    const p = `text_model.encoder.layers.${i}.`;
-    for (const norm of ["layer_norm1", "layer_norm2"]) {
-      put(`${p}${norm}.weight`, [h], 0.05, 1);
-      put(`${p}${norm}.bias`, [h], 0.02);
-    }
-    for (const proj of ["q_proj", "k_proj", "v_proj", "out_proj"]) {
-      linear(`${p}self_attn.${proj}`, h, h);
-    }
-    linear(`${p}mlp.fc1`, shape.intermediateSize, h);
-    linear(`${p}mlp.fc2`, h, shape.intermediateSize);
-  }
-  put("text_model.final_layer_norm.weight", [h], 0.05, 1);
-  put("text_model.final_layer_norm.bias", [h], 0.02);
-  if (shape.projectionDim) {
-    put("text_projection.weight", [shape.projectionDim, h], 1 / Math.sqrt(h));
-  }
+    };
+  });
   const config = {
     architectures: [shape.projectionDim ? "CLIPTextModelWithProjection" : "CLIPTextModel"],
     attention_dropout: 0,
@@ -112,8 +118,8 @@ export async function writeRandomClipTextEncoder(
     initializer_factor: 1,
     initializer_range: 0.02,
     intermediate_size: shape.intermediateSize,
-    layer_norm_eps: 1e-5,
-    max_position_embeddings: 77,
+    layer_norm_eps: LAYER_NORM_EPS,
+    max_position_embeddings: MAX_POSITIONS,
     model_type: "clip_text_model",
     num_attention_heads: shape.numHeads,
     num_hidden_layers: shape.numLayers,

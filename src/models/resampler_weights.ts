@@ -17,6 +17,7 @@ import {
   type ResamplerConfig,
   resamplerConfigJson,
 } from "./resampler_config.ts";
+import { loadWeights, type WeightSchema } from "./weight_schema.ts";
 
 type ParamInit = "latents" | "linear" | "ones" | "zeros" | "sinusoid";
 
@@ -136,6 +137,22 @@ function fillSinusoid(data: Float32Array, dim: number): void {
   }
 }
 
+/** The resampler's parameters as a weight schema: all f32 on the GPU, from F32, F16 or BF16. */
+export function resamplerWeightSchema(
+  config: ResamplerConfig,
+  configWhere = "the resampler config",
+): WeightSchema {
+  return {
+    model: `the resampler of depth ${config.depth}`,
+    config: configWhere,
+    tensors: [...paramSpecs(config)].map(([name, { shape }]) => ({
+      name,
+      shape,
+      placement: "f32",
+    })),
+  };
+}
+
 /** Writes `resampler_config.json` and `resampler.safetensors` (F32) into `dir`, atomically. */
 export async function saveResampler(
   gpu: Gpu,
@@ -143,14 +160,14 @@ export async function saveResampler(
   dir: string,
 ): Promise<void> {
   await Deno.mkdir(dir, { recursive: true });
-  const names = [...weights.params.keys()];
-  const data = await gpu.readAll([...weights.params.values()]);
+  const specs = resamplerWeightSchema(weights.config).tensors;
+  const data = await gpu.readAll(specs.map(({ name }) => resamplerParam(weights, name)));
   await writeSafetensors(
     join(dir, RESAMPLER_WEIGHTS_FILE),
-    names.map((name, i) => ({
+    specs.map(({ name, shape }, i) => ({
       name,
       dtype: "F32",
-      shape: [...weights.params.get(name)!.shape],
+      shape,
       data: data[i] as Float32Array,
     })),
     { format: "pt" },
@@ -172,44 +189,17 @@ export async function loadResamplerWeights(
   configWhere = "the resampler config",
 ): Promise<ResamplerWeights> {
   checkResamplerConfig(config, configWhere);
-  const shapes = resamplerParamShapes(config);
+  const schema = resamplerWeightSchema(config, configWhere);
   const file = await SafetensorsFile.open(path);
-  const params = new Map<string, Tensor>();
   try {
-    for (const name of file.names()) {
-      if (!shapes.has(name)) {
-        throw new Error(
-          `${path}: tensor '${name}' is not a parameter of the resampler ${configWhere} ` +
-            `describes (depth ${config.depth}); the config and the weights disagree`,
-        );
-      }
-    }
-    for (const [name, shape] of shapes) {
-      if (!file.has(name)) {
-        throw new Error(
-          `${path}: tensor '${name}' is missing, but ${configWhere} (depth ${config.depth}) ` +
-            `needs it; the config and the weights disagree, or the file is incomplete`,
-        );
-      }
-      const info = file.info(name);
-      if (info.shape.join(",") !== shape.join(",")) {
-        throw new Error(
-          `${path}: tensor '${name}' has shape [${info.shape}] but ${configWhere} implies ` +
-            `[${shape}]; the config and the weights disagree`,
-        );
-      }
-      if (!["F32", "F16", "BF16"].includes(info.dtype)) {
-        throw new Error(`${path}: tensor '${name}' is ${info.dtype}; expected F32, F16 or BF16`);
-      }
-      params.set(name, gpu.upload(await file.readF32(name), shape, "f32", name));
-    }
-  } catch (err) {
-    for (const t of params.values()) t.destroy();
-    throw err;
+    const loaded = await loadWeights(gpu, file, schema);
+    return {
+      config,
+      params: new Map(schema.tensors.map(({ name }) => [name, loaded.tensor(name)])),
+    };
   } finally {
     file.close();
   }
-  return { config, params };
 }
 
 export interface LoadResamplerOptions {

@@ -299,7 +299,7 @@ Deno.test("clip: config errors name the file, the key and the fix", async () => 
     await rejectsWith(
       () => load({ num_hidden_layers: 4 }),
       'tensor "text_model.encoder.layers.3.layer_norm1.weight" is missing',
-      "num_hidden_layers 4",
+      "a CLIP text model with 4 layers per",
     );
     await rejectsWith(
       () => load({ num_hidden_layers: 2 }),

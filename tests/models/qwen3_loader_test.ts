@@ -119,8 +119,9 @@ Deno.test("Qwen3 loader: missing, extra and misshapen tensors name the tensor, f
     (dir) =>
       rejectsWith(
         () => load(dir),
-        "model.layers.1.self_attn.k_proj.weight' is missing",
-        "num_hidden_layers 2",
+        'tensor "model.layers.1.self_attn.k_proj.weight" is missing',
+        "a Qwen3 decoder with 2 layers per",
+        "config.json needs it (F32, F16 or BF16, shape [8,16])",
       ),
   );
   await withEditedWeights(
@@ -134,8 +135,8 @@ Deno.test("Qwen3 loader: missing, extra and misshapen tensors name the tensor, f
     (dir) =>
       rejectsWith(
         () => load(dir),
-        "unexpected tensor 'model.layers.2.mlp.up_proj.weight'",
-        "2 layers",
+        'unexpected tensor "model.layers.2.mlp.up_proj.weight"',
+        "a Qwen3 decoder with 2 layers",
       ),
   );
   await withEditedWeights(
@@ -146,7 +147,7 @@ Deno.test("Qwen3 loader: missing, extra and misshapen tensors name the tensor, f
     (dir) =>
       rejectsWith(
         () => load(dir),
-        "model.layers.0.mlp.gate_proj.weight' has shape [20,16]",
+        'tensor "model.layers.0.mlp.gate_proj.weight" has shape [20,16]',
         "implies [24,16]",
         "the config and the weights disagree",
       ),

@@ -311,17 +311,17 @@ Deno.test("resampler config and weight errors name the file, the key and the fix
     await write("layers.1.ff.w1.weight");
     await assert.rejects(
       loadResampler(gpu, dir),
-      /resampler.safetensors: tensor 'layers.1.ff.w1.weight' is missing.*depth 2/,
+      /resampler.safetensors: tensor "layers.1.ff.w1.weight" is missing, but the resampler of depth 2 per .*resampler_config.json needs it/,
     );
     await write("", ["latents", [8, 3]]);
     await assert.rejects(
       loadResampler(gpu, dir),
-      /tensor 'latents' has shape \[8,3\] but .*resampler_config.json implies \[3,8\]/,
+      /tensor "latents" has shape \[8,3\] but .*resampler_config.json implies \[3,8\]/,
     );
     await write("", undefined, "layers.2.ff.w1.weight");
     await assert.rejects(
       loadResampler(gpu, dir),
-      /tensor 'layers.2.ff.w1.weight' is not a parameter .*depth 2/,
+      /unexpected tensor "layers.2.ff.w1.weight": the resampler of depth 2 per .*resampler_config.json has no such tensor/,
     );
     await Deno.writeTextFile(join(dir, RESAMPLER_CONFIG_FILE), "{");
     await assert.rejects(loadResampler(gpu, dir), /resampler_config.json: invalid JSON/);

@@ -277,7 +277,7 @@ Deno.test("train: bad models, LoRA targets and batch sizes are refused before th
   await writeSafetensors(join(noK, "model.safetensors"), tensors);
   await rejectsWith(
     () => train(options("no-k", { qwen: noK }), quiet),
-    `${noK}/model.safetensors: tensor '${dropped}' is missing`,
+    `${noK}/model.safetensors: tensor "${dropped}" is missing`,
   );
 
   const noTokenizer = join(ROOT, "qwen-no-tokenizer");
