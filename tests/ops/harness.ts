@@ -167,9 +167,9 @@ export function finiteDiffCase<H>(c: FiniteDiffCase<H>): OpCheck {
 
 function describeAdapter(gpu: Gpu): string {
   const { vendor, architecture, device, description } = gpu.adapterInfo;
-  const backend = Deno.env.get("DENO_WEBGPU_BACKEND") ?? "default";
-  const parts = [vendor, architecture, device, description].filter(Boolean).join(" ");
-  return `adapter: ${parts || "unnamed"} (DENO_WEBGPU_BACKEND=${backend})`;
+  const backend = Deno.env.get("DENO_WEBGPU_BACKEND") ?? "unset";
+  return `adapter: ${description || "unnamed"} (vendor ${vendor}, device ${device}, ` +
+    `architecture ${architecture || "-"}; DENO_WEBGPU_BACKEND ${backend})`;
 }
 
 /** Registers one Deno.test per check, named by the check; failures name the adapter. */

@@ -6,9 +6,15 @@
 import { testGpu } from "../helpers.ts";
 import { registerOpChecks } from "./harness.ts";
 import { ATTENTION_CHECKS } from "./table/attention.ts";
+import { LAYOUT_CHECKS } from "./table/layout.ts";
 import { MATMUL_CHECKS } from "./table/matmul.ts";
+import { NORM_CHECKS } from "./table/norm.ts";
+import { POINTWISE_CHECKS } from "./table/pointwise.ts";
 
 registerOpChecks(await testGpu(), [
   ...MATMUL_CHECKS,
   ...ATTENTION_CHECKS,
+  ...NORM_CHECKS,
+  ...POINTWISE_CHECKS,
+  ...LAYOUT_CHECKS,
 ]);

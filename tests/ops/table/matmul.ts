@@ -110,17 +110,23 @@ const tn = { transposeX: true, transposeW: false };
 const tt = { transposeX: true, transposeW: true };
 
 /**
- * Odd sizes in every layout: a 1x1x1 product, 3 rows in the smallest row tile, and 65 rows
- * over several row tiles with 7 columns in a partial column tile and K = 33 left over after 32.
+ * Odd sizes: a 1x1x1 product and 3 rows in the smallest row tile (pooled [B, D] inputs take it
+ * forward and backward), and 65 rows over several row tiles with 7 columns in a partial column
+ * tile and K = 33 left after 32. xᵀ Wᵀ keeps M a multiple of 4: its scalar-load variant takes
+ * 13 s to compile on llvmpipe's OpenGL, and nothing runs it.
  */
-const ODD: Array<[number, number, number]> = [
-  [1, 1, 1],
-  [3, 65, 7],
-  [65, 7, 33],
+const ODD: MatmulSpec[] = [
+  ...[nt, nn].flatMap((layout) => [
+    { m: 1, n: 1, k: 1, ...layout },
+    { m: 3, n: 65, k: 7, ...layout },
+    { m: 65, n: 7, k: 33, ...layout },
+  ]),
+  { m: 65, n: 7, k: 33, ...tn },
+  { m: 36, n: 7, k: 33, ...tt, bias: true },
 ];
 
 const matmulSpecs: MatmulSpec[] = [
-  ...[nt, nn, tn, tt].flatMap((layout) => ODD.map(([m, n, k]) => ({ m, n, k, ...layout }))),
+  ...ODD,
   // Linear layout: odd K (scalar loads), K % 4 == 0 (vec4 loads, partial last k-step).
   { m: 37, n: 29, k: 53 },
   { m: 37, n: 29, k: 53, bias: true },
