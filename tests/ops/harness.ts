@@ -19,23 +19,24 @@ function nameSeed(name: string): number {
   return h >>> 8;
 }
 
-/** A case's random inputs: draw k uses seed(name) + k, so cases never depend on one another. */
+/** A case's random inputs: draw k is seeded by the hash of "name#k", never by other cases. */
 export class Draw {
-  readonly #seed: number;
   #draws = 0;
 
-  constructor(name: string) {
-    this.#seed = nameSeed(name);
+  constructor(readonly name: string) {}
+
+  #nextSeed(): number {
+    return nameSeed(`${this.name}#${this.#draws++}`);
   }
 
   /** n normal samples with standard deviation `std`. */
   randn(n: number, std = 1): Float32Array {
-    return randn(n, this.#seed + this.#draws++, std);
+    return randn(n, this.#nextSeed(), std);
   }
 
   /** A generator for other distributions (masks, ids). */
   rng(): Rng {
-    return new Rng(this.#seed + this.#draws++);
+    return new Rng(this.#nextSeed());
   }
 }
 
@@ -108,13 +109,23 @@ export interface FiniteDiffCase<H> {
 export interface OpCheck {
   name: string;
   needs?: keyof GpuFeatures;
+  /** Whether it runs on the GPU (its failures then name the adapter). */
+  onGpu: boolean;
   run(gpu: Gpu): Promise<void> | void;
 }
+
+/** WebGPU's names of the optional features, for the reason a case is ignored. */
+const FEATURE_NAMES: Record<keyof GpuFeatures, string> = {
+  f16: "shader-f16",
+  timestampQuery: "timestamp-query",
+  subgroups: "subgroups",
+};
 
 export function gpuCase<H>(c: GpuCase<H>): OpCheck {
   return {
     name: c.name,
     needs: c.needs,
+    onGpu: true,
     async run(gpu) {
       const scope = new Scope(gpu);
       try {
@@ -152,6 +163,7 @@ export function gpuCase<H>(c: GpuCase<H>): OpCheck {
 export function finiteDiffCase<H>(c: FiniteDiffCase<H>): OpCheck {
   return {
     name: c.name,
+    onGpu: false,
     run() {
       const host = c.inputs(new Draw(c.name));
       const dOut = new Draw(`${c.name} dOut`).randn(c.forward(host).length);
@@ -178,14 +190,17 @@ export function registerOpChecks(gpu: Gpu, checks: OpCheck[]): void {
   for (const check of checks) {
     assert.ok(!seen.has(check.name), `two op checks are named '${check.name}'`);
     seen.add(check.name);
+    // DISTILL_DISABLE (see testGpu) turns a feature off as if the adapter lacked it.
     const missing = check.needs && !gpu.features[check.needs];
+    const reason = missing && `ignored: ${FEATURE_NAMES[check.needs!]} missing or disabled`;
     Deno.test({
-      name: missing ? `${check.name} (ignored: the adapter has no ${check.needs})` : check.name,
+      name: reason ? `${check.name} (${reason})` : check.name,
       ignore: Boolean(missing),
       async fn() {
         try {
           await check.run(gpu);
         } catch (error) {
+          if (!check.onGpu) throw error;
           const message = error instanceof Error ? error.message : String(error);
           throw new Error(`${check.name}: ${message}\n${describeAdapter(gpu)}`, { cause: error });
         }
