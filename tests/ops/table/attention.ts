@@ -21,7 +21,7 @@ import {
 } from "../../../src/ops/softmax_ref.ts";
 import type { Rng } from "../../../src/util/rng.ts";
 import { assertNmse } from "../../helpers.ts";
-import { finiteDiffCase, gpuCase, type OpCheck, type Scope } from "../harness.ts";
+import { type Draw, finiteDiffCase, gpuCase, type OpCheck, type Scope } from "../harness.ts";
 
 /** Which keys a query sees; a random mask is drawn per case (batch row 1 sees no key at all). */
 interface Masks extends Omit<AttentionRefMasks, "keyMask"> {
@@ -73,7 +73,7 @@ function refShape(s: AttentionSpec): AttentionRefShape {
 
 function attentionInputs(s: AttentionSpec) {
   const { batch, tq, tk, numHeads: nq, numKvHeads: nkv } = refShape(s);
-  return (draw: import("../harness.ts").Draw): AttentionHost => ({
+  return (draw: Draw): AttentionHost => ({
     q: draw.randn(batch * tq * nq * s.hd),
     k: draw.randn(batch * tk * nkv * s.hd),
     v: draw.randn(batch * tk * nkv * s.hd),
