@@ -1,5 +1,5 @@
-// LayerNorm and RMSNorm over the last axis, one workgroup per row (prefixed with
-// workgroup_reduce.wgsl). Statistics are two-pass in f32: the mean first, then the
+// LayerNorm and RMSNorm over the last axis, one workgroup per row (the
+// workgroup reductions of workgroup_reduce.wgsl fill the marker below). Statistics are two-pass in f32: the mean first, then the
 // centred sum of squares, so a large mean does not cancel the variance.
 // The *_stats entries also store per-row mean / rstd for the backward pass.
 //
@@ -10,6 +10,8 @@
 // dweight is summed without atomics, so it is bitwise reproducible: each invocation owns one
 // column of one chunk of rows and writes its partial sum, then reduce.wgsl's column_sum adds
 // the chunks in order.
+
+$WORKGROUP_REDUCE
 
 struct Params {
   rows: u32,

@@ -1,10 +1,12 @@
-// Loss, gradient norms and the AdamW update (SPEC section 5). Prepended with
-// workgroup_reduce.wgsl (`workgroup_sum`, WG).
+// Loss, gradient norms and the AdamW update (SPEC section 5). The marker below
+// takes workgroup_reduce.wgsl (`workgroup_sum`, WG).
 //
 // Reductions are deterministic: a fixed number of workgroups walks the array in a fixed
 // strided order and each writes one partial sum (no atomics), so a result depends only on
 // the data and its length, never on scheduling. The partials are then summed by one
 // workgroup (`sum_partials`) or on the host.
+
+$WORKGROUP_REDUCE
 
 // One struct and distinct binding numbers for all entry points: WGSL forbids two resource
 // variables at the same binding. Reductions only set the first three fields.

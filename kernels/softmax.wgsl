@@ -1,11 +1,13 @@
 // Row softmax over the last axis of scores [batch, heads, Tq, Tk], one workgroup per row
-// (prefixed with workgroup_reduce.wgsl). A key is visible when the causal rule
+// (the workgroup reductions of workgroup_reduce.wgsl fill the marker below). A key is visible when the causal rule
 // (j <= i + offset) and the key-padding mask both allow it; hidden keys get probability 0,
 // and a row with no visible key is all zeros (the max stays at -FLT_MAX, no exp is summed,
 // and every entry is hidden), where torch's -inf masking would give NaN.
 //
 // softmax_backward: d scores = scale * P * (dP - sum_j dP_j P_j) per row. Hidden keys have
 // P = 0, so they get a zero gradient without the masks.
+
+$WORKGROUP_REDUCE
 
 struct Params {
   rows: u32,

@@ -1,4 +1,5 @@
-// Workgroup reductions shared by the row kernels (norm, softmax); prepended to their source.
+// Workgroup reductions shared by the row kernels (norm, softmax, optim): the text of their
+// WORKGROUP_REDUCE marker (src/ops/row_reduce.ts).
 // One workgroup owns one row: each invocation folds a strided slice, then a tree over
 // shared memory combines the partials. WG may be any power of two up to MAX_WG.
 

@@ -1,5 +1,6 @@
 import { type DType, dtypeBytes, numel, paddedByteLength, Tensor } from "./tensor.ts";
 import { BufferPool } from "./pool.ts";
+import { type Markers, sameMarkers, specialise } from "./shader.ts";
 
 /** Optional adapter features the kernels can use; every code path also works without each. */
 export interface GpuFeatures {
@@ -21,12 +22,18 @@ export interface GpuOptions {
   maxPooledBytes?: number;
 }
 
-/** A WGSL compute kernel. `name` must identify the code uniquely (it keys the pipeline cache). */
+/**
+ * A WGSL compute kernel, specialised as src/gpu/shader.ts describes: numbers through `override`
+ * constants, types and shared WGSL pieces through `$NAME` markers. `name` must identify the code
+ * and markers uniquely (it keys the pipeline cache).
+ */
 export interface Kernel {
-  /** Label in errors and the pipeline cache key; two different codes must not share it. */
+  /** Label in errors and the pipeline cache key; two different sources must not share it. */
   name: string;
-  /** The WGSL source. */
+  /** The WGSL source, with `$NAME` markers where `markers` gives text. */
   code: string;
+  /** WGSL text for each `$NAME` marker in `code`. */
+  markers?: Markers;
   /** Entry point to run; default `main`. */
   entry?: string;
   /** Values for WGSL `override` declarations; each distinct set is its own pipeline. */
@@ -92,7 +99,10 @@ export class Gpu {
   /** The device's limits: the adapter's own maxima, which `create` requests. */
   readonly limits: GPUSupportedLimits;
   readonly #pool: BufferPool;
-  readonly #pipelines = new Map<string, { code: string; pipeline: GPUComputePipeline }>();
+  readonly #pipelines = new Map<
+    string,
+    { code: string; markers?: Markers; pipeline: GPUComputePipeline }
+  >();
   readonly #uniforms: GPUBuffer;
   readonly #uniformStage = new ArrayBuffer(UNIFORM_RING_BYTES);
   readonly #uniformStride: number;
@@ -375,18 +385,19 @@ export class Gpu {
     const key = `${kernel.name}|${entry}|${JSON.stringify(kernel.constants ?? {})}`;
     const cached = this.#pipelines.get(key);
     if (cached) {
-      if (cached.code !== kernel.code) {
+      if (cached.code !== kernel.code || !sameMarkers(cached.markers, kernel.markers)) {
         throw new Error(`kernel name '${kernel.name}' is used for two different WGSL sources`);
       }
       return cached.pipeline;
     }
-    const module = this.device.createShaderModule({ label: kernel.name, code: kernel.code });
+    const code = specialise(kernel.name, kernel.code, kernel.markers);
+    const module = this.device.createShaderModule({ label: kernel.name, code });
     const pipeline = this.device.createComputePipeline({
       label: `${kernel.name}:${entry}`,
       layout: "auto",
       compute: { module, entryPoint: entry, constants: kernel.constants },
     });
-    this.#pipelines.set(key, { code: kernel.code, pipeline });
+    this.#pipelines.set(key, { code: kernel.code, markers: kernel.markers, pipeline });
     return pipeline;
   }
 

@@ -9,11 +9,13 @@
  * goes to loads, not arithmetic (see kernels/matmul.wgsl), so f16 math would cost accuracy
  * for nothing.
  *
- * The kernel is generated from kernels/matmul.wgsl for each layout, weight type, vector width
- * and tile size; each combination is its own pipeline.
+ * kernels/matmul.wgsl takes the tile and workgroup sizes as override constants and, through its
+ * markers, the unrolled tile code generated here for each layout, weight type, vector width and
+ * tile size; each combination is its own pipeline.
  */
 import template from "../../kernels/matmul.wgsl" with { type: "text" };
 import { f32, type Gpu } from "../gpu/device.ts";
+import type { Markers } from "../gpu/shader.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import { requireDType, requireOut, requireSize } from "./checks.ts";
 
@@ -176,10 +178,20 @@ export function matmul(gpu: Gpu, x: Tensor, w: Tensor, options: MatmulOptions = 
     );
   }
   const name = variantName(variant);
-  let code = kernelCache.get(name);
-  if (code === undefined) kernelCache.set(name, code = matmulKernel(variant));
+  let markers = markerCache.get(name);
+  if (markers === undefined) markerCache.set(name, markers = matmulMarkers(variant));
   gpu.dispatch({
-    kernel: { name, code },
+    kernel: {
+      name,
+      code: template,
+      markers,
+      constants: {
+        TM: tiling.rows,
+        TN: tiling.cols,
+        KS: kStep(variant),
+        WG: tiling.workgroup,
+      },
+    },
     params: [m, n, k, transposeX ? k * m : m * k, batchedW ? n * k : 0, m * n, f32(alpha)],
     bindings: bias ? [x, w, y, bias] : [x, w, y],
     workgroups: groups,
@@ -207,7 +219,7 @@ function weightVectorWidth(type: MatmulWeightType, rowLength: number, span: numb
   return widths.find((v) => span % v === 0 && rowLength % v === 0) ?? 1;
 }
 
-export interface MatmulVariant {
+interface MatmulVariant {
   /** x stored [M, K] ("mk") or [K, M] ("km"). */
   xLayout: "mk" | "km";
   /** w stored [N, K] ("nk") or [K, N] ("kn"). */
@@ -223,24 +235,30 @@ export interface MatmulVariant {
   accumulate: boolean;
 }
 
-/** Generated sources by variant name: a tile body is ~100 KB of WGSL, built once. */
-const kernelCache = new Map<string, string>();
+/** Generated markers by variant name: a tile body is ~100 KB of WGSL, built once. */
+const markerCache = new Map<string, Markers>();
 
+/** Names what the markers depend on (the workgroup size is an override constant). */
 function variantName(v: MatmulVariant): string {
   const t = v.tiling;
   return `matmul_${v.xLayout}${v.xVec}_${v.wLayout}${v.wType}${v.wVec}_` +
-    `${t.rows}x${t.cols}_wg${t.workgroup}${v.bias ? "_bias" : ""}${v.accumulate ? "_acc" : ""}`;
+    `${t.rows}x${t.cols}${v.bias ? "_bias" : ""}${v.accumulate ? "_acc" : ""}`;
+}
+
+/** K values per step of the K loop: one load of each operand along K, and at least 4. */
+function kStep(v: MatmulVariant): number {
+  const kAlongX = v.xLayout === "mk" ? v.xVec : 1;
+  const kAlongW = v.wLayout === "nk" ? v.wVec : 1;
+  return Math.max(4, kAlongX, kAlongW);
 }
 
 const COMPONENTS = ["x", "y", "z", "w"];
 
-/** WGSL source of one variant: the template with its tile body unrolled. */
-export function matmulKernel(v: MatmulVariant): string {
+/** The markers of kernels/matmul.wgsl for one variant: its element types and unrolled tile. */
+function matmulMarkers(v: MatmulVariant): Markers {
   const TM = v.tiling.rows;
   const TN = v.tiling.cols;
-  const kAlongX = v.xLayout === "mk" ? v.xVec : 1;
-  const kAlongW = v.wLayout === "nk" ? v.wVec : 1;
-  const KS = Math.max(4, kAlongX, kAlongW);
+  const KS = kStep(v);
   const sixteen = v.wType !== "f32";
   const wordsPerLoad = sixteen ? Math.max(1, v.wVec / 2) : v.wVec;
   const wElem = sixteen
@@ -371,21 +389,11 @@ export function matmulKernel(v: MatmulVariant): string {
   }
 
   const indent = (lines: string[], pad: string) => lines.map((l) => pad + l).join("\n");
-  const replacements: Record<string, string> = {
-    $X_ELEM: v.xVec === 4 ? "vec4f" : "f32",
-    $W_ELEM: wElem,
-    $BIAS_BINDING: v.bias ? "@group(0) @binding(4) var<storage, read> bias: array<f32>;" : "",
-    $WG: String(v.tiling.workgroup),
-    $TM: String(TM),
-    $TN: String(TN),
-    $KS: String(KS),
-    $PROLOGUE: indent(prologue, "  "),
-    $BODY: indent(body, "    "),
-    $EPILOGUE: indent(epilogue, "  "),
+  return {
+    X_ELEM: v.xVec === 4 ? "vec4f" : "f32",
+    W_ELEM: wElem,
+    PROLOGUE: indent(prologue, "  "),
+    BODY: indent(body, "    "),
+    EPILOGUE: indent(epilogue, "  "),
   };
-  return template.replace(/\$[A-Z_]+/g, (marker) => {
-    const value = replacements[marker];
-    if (value === undefined) throw new Error(`kernels/matmul.wgsl: unknown marker ${marker}`);
-    return value;
-  });
 }

@@ -14,9 +14,7 @@ import { f32, type Gpu, grid1d } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import { requireDType, requireOut, requireSize } from "./checks.ts";
 import { columnSum, columnSumChunkRows, sumChunkPartials } from "./reduce.ts";
-import { rowWorkgroupSize, withWorkgroupReduce } from "./row_reduce.ts";
-
-const kernelCode = withWorkgroupReduce(code);
+import { rowWorkgroupSize, WORKGROUP_REDUCE } from "./row_reduce.ts";
 
 export interface LayerNormResult {
   y: Tensor;
@@ -77,7 +75,8 @@ function runNorm(
   gpu.dispatch({
     kernel: {
       name: "norm",
-      code: kernelCode,
+      code,
+      markers: WORKGROUP_REDUCE,
       entry: `${op === "layerNorm" ? "layer_norm" : "rms_norm"}${withStats ? "_stats" : ""}`,
       constants: { WG: rowWorkgroupSize(d) },
     },
@@ -193,7 +192,8 @@ function normBackwardDx(
   gpu.dispatch({
     kernel: {
       name: "norm",
-      code: kernelCode,
+      code,
+      markers: WORKGROUP_REDUCE,
       entry: "norm_backward",
       constants: { WG: rowWorkgroupSize(weight.size) },
     },
@@ -223,7 +223,7 @@ function normParamGrads(
   const chunks = Math.ceil(rows / chunkRows);
   const partial = gpu.empty([chunks, d], "f32", `${op}.dweight.partial`);
   gpu.dispatch({
-    kernel: { name: "norm", code: kernelCode, entry: "norm_weight_grad_partial" },
+    kernel: { name: "norm", code, markers: WORKGROUP_REDUCE, entry: "norm_weight_grad_partial" },
     params: [rows, d, f32(0), mean ? LAYER_NORM : 0, chunkRows],
     bindings: [x, null, null, null, null, null, dy, mean ?? rstd, rstd, null, partial],
     workgroups: [Math.ceil(d / COLUMN_WG), chunks],

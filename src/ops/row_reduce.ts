@@ -1,10 +1,10 @@
-/** Shared pieces of the one-workgroup-per-row kernels (norms, softmax). */
+/** Shared pieces of the one-workgroup-per-row kernels (norms, softmax, optimizer reductions). */
 import reduceCode from "../../kernels/workgroup_reduce.wgsl" with { type: "text" };
+import type { Markers } from "../gpu/shader.ts";
 
-/** Prepends the workgroup reductions (`workgroup_sum`, `workgroup_max`, `row_of`) to a kernel. */
-export function withWorkgroupReduce(code: string): string {
-  return `${reduceCode}\n${code}`;
-}
+/** `Kernel.markers` of a source with a `$WORKGROUP_REDUCE` marker: the workgroup reductions
+ * (`workgroup_sum`, `workgroup_max`, `row_of`, override WG). */
+export const WORKGROUP_REDUCE: Markers = { WORKGROUP_REDUCE: reduceCode };
 
 /** Short rows waste fewer idle invocations and barrier steps with a smaller workgroup. */
 export function rowWorkgroupSize(rowLength: number): number {

@@ -7,9 +7,7 @@ import code from "../../kernels/softmax.wgsl" with { type: "text" };
 import { f32, type Gpu, grid1d } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import { requireDType, requireOut, requireSize } from "./checks.ts";
-import { rowWorkgroupSize, withWorkgroupReduce } from "./row_reduce.ts";
-
-const kernelCode = withWorkgroupReduce(code);
+import { rowWorkgroupSize, WORKGROUP_REDUCE } from "./row_reduce.ts";
 
 // Bits of the kernel's `flags` parameter.
 const CAUSAL = 1;
@@ -70,7 +68,8 @@ export function softmax(gpu: Gpu, scores: Tensor, options: SoftmaxOptions = {}):
   gpu.dispatch({
     kernel: {
       name: "softmax",
-      code: kernelCode,
+      code,
+      markers: WORKGROUP_REDUCE,
       entry: "softmax",
       constants: { WG: rowWorkgroupSize(tk) },
     },
@@ -110,7 +109,8 @@ export function softmaxBackward(
   gpu.dispatch({
     kernel: {
       name: "softmax",
-      code: kernelCode,
+      code,
+      markers: WORKGROUP_REDUCE,
       entry: "softmax_backward",
       constants: { WG: rowWorkgroupSize(tk) },
     },

@@ -11,9 +11,8 @@ import code from "../../kernels/optim.wgsl" with { type: "text" };
 import { f32, type Gpu, grid1d } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import { requireDType } from "../ops/checks.ts";
-import { withWorkgroupReduce } from "../ops/row_reduce.ts";
+import { WORKGROUP_REDUCE } from "../ops/row_reduce.ts";
 
-const kernelCode = withWorkgroupReduce(code);
 const WG = 256;
 /**
  * Workgroups per reduction. Fixed per length (so results are reproducible run to run) and
@@ -33,7 +32,7 @@ function partialCount(n: number): number {
 }
 
 function optimKernel(entry: string) {
-  return { name: "optim", code: kernelCode, entry, constants: { WG } };
+  return { name: "optim", code, markers: WORKGROUP_REDUCE, entry, constants: { WG } };
 }
 
 export interface MseLossOptions {
