@@ -1,13 +1,13 @@
 /**
- * NF4 matmul at the student bench's projection shapes (256 tokens): the decode of W alone, the
- * NF4 product (decode + matmul) and the same product over an f32 weight, forward (y = x Wᵀ)
- * and input gradient (dx = dy W), so the NF4 overhead per shape reads off the rows. One
- * few-row shape times the fused kernels that encode takes.
+ * NF4 matmul at the student bench's projection shapes (256 tokens): the NF4 product (decode +
+ * matmul) and the same product over an f32 weight, forward (y = x Wᵀ) and input gradient
+ * (dx = dy W), so the NF4 overhead per shape reads off the rows; then the decode of W alone and
+ * the products with W decoded to f16. One few-row shape times the fused kernels encode takes.
  */
-import type { Tensor } from "../gpu/tensor.ts";
 import { matmul } from "../ops/matmul.ts";
-import { nf4Dequantize, nf4Quantize } from "../ops/nf4.ts";
+import { NF4_BLOCK_SIZE, nf4Dequantize, nf4Quantize } from "../ops/nf4.ts";
 import {
+  DEQUANTIZE_MIN_ROWS,
   nf4DecodeWeight,
   nf4Matmul,
   nf4MatmulInputGrad,
@@ -42,27 +42,29 @@ export const nf4MatmulBench: Bench = {
       const fill = (size: number) => rng.fillNormal(new Float32Array(size), 0.05);
       const q = nf4Quantize(fill(n * k));
       const w = uploadNf4Weight(gpu, q, n, k, "bench.w");
+      const w16 = uploadNf4Weight(gpu, q, n, k, "bench.w16", NF4_BLOCK_SIZE, "f16");
       const wf = gpu.upload(nf4Dequantize(q.packed, q.absmax, n * k), [n, k], "f32", "bench.wf");
       const x = gpu.upload(fill(m * k), [m, k], "f32", "bench.x");
       const dy = gpu.upload(fill(m * n), [m, n], "f32", "bench.dy");
       const y = gpu.empty([m, n], "f32", "bench.y");
       const dx = gpu.empty([m, k], "f32", "bench.dx");
       const flops = 2 * m * n * k;
-      const decode = (weight: Nf4Weight) => () => nf4DecodeWeight(gpu, weight).destroy();
+      const forward = (weight: Nf4Weight) => () => nf4Matmul(gpu, x, weight, { out: y });
+      const inputGrad = (weight: Nf4Weight) => () =>
+        nf4MatmulInputGrad(gpu, dy, weight, { out: dx });
       const cases: Array<[string, () => void, number]> = [
-        ["nf4_matmul", () => nf4Matmul(gpu, x, w, { out: y }), flops],
+        ["nf4_matmul", forward(w), flops],
         ["f32_matmul", () => matmul(gpu, x, wf, { out: y }), flops],
-        ["nf4_matmul_input_grad", () => nf4MatmulInputGrad(gpu, dy, w, { out: dx }), flops],
-        [
-          "f32_matmul_input_grad",
-          () => matmul(gpu, dy, wf, { transposeW: false, out: dx }),
-          flops,
-        ],
+        ["nf4_matmul_input_grad", inputGrad(w), flops],
+        ["f32_matmul_input_grad", () => matmul(gpu, dy, wf, { transposeW: false, out: dx }), flops],
       ];
-      if (m >= 64) {
-        cases.unshift(
-          ["nf4_decode_f16", decode(w), 0],
-          ["nf4_decode_f32", decode({ ...w, decodesToF16: false }), 0],
+      if (m >= DEQUANTIZE_MIN_ROWS) {
+        // The decode alone, and the products over W decoded to f16 (`decode: "f16"`).
+        cases.push(
+          ["nf4_decode_f32", () => nf4DecodeWeight(gpu, w).destroy(), 0],
+          ["nf4_decode_f16", () => nf4DecodeWeight(gpu, w16).destroy(), 0],
+          ["nf4_matmul_f16", forward(w16), flops],
+          ["nf4_matmul_input_grad_f16", inputGrad(w16), flops],
         );
       }
       for (const [name, record, work] of cases) {
@@ -79,7 +81,7 @@ export const nf4MatmulBench: Bench = {
           ...(work > 0 ? { gflops, vsBaseline: gflops / baselineGflops } : {}),
         });
       }
-      for (const t of [w.packed, w.absmax, wf, x, dy, y, dx] as Tensor[]) t.destroy();
+      for (const t of [w.packed, w.absmax, w16.packed, w16.absmax, wf, x, dy, y, dx]) t.destroy();
     }
     return results;
   },

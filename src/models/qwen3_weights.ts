@@ -3,7 +3,7 @@ import { type DType, dtypeBytes, type Tensor } from "../gpu/tensor.ts";
 import type { ModelFolder } from "../io/hf.ts";
 import { type LinearName, type LinearShapes, QWEN3_LINEARS } from "./lora.ts";
 import { NF4_BLOCK_SIZE, nf4Quantize, type Nf4Quantized } from "../ops/nf4.ts";
-import { type Nf4Weight, uploadNf4Weight } from "../ops/nf4_matmul.ts";
+import { type Nf4Decode, type Nf4Weight, uploadNf4Weight } from "../ops/nf4_matmul.ts";
 
 /** The sizes a Qwen3 decoder needs, read from its config.json. */
 export interface Qwen3Config {
@@ -110,6 +110,8 @@ export interface Qwen3Weights {
 export interface LoadQwen3Options {
   /** "nf4" (default) quantizes every decoder *_proj as it is read; "none" keeps f32. */
   quantize?: "nf4" | "none";
+  /** What products over many rows decode the NF4 weights to (`uploadNf4Weight`); default "f32". */
+  nf4Decode?: Nf4Decode;
   /** Called after each tensor is on the GPU. */
   onTensor?: (name: string, done: number, total: number) => void;
   /**
@@ -263,7 +265,15 @@ export async function loadQwen3Weights(
       } else if (name.endsWith("_proj.weight") && quantize === "nf4") {
         const values = await folder.readF32(name, scratch.values);
         const q = nf4Quantize(values, NF4_BLOCK_SIZE, scratch.nf4);
-        const w = uploadNf4Weight(gpu, q, shape[0], shape[1], name);
+        const w = uploadNf4Weight(
+          gpu,
+          q,
+          shape[0],
+          shape[1],
+          name,
+          NF4_BLOCK_SIZE,
+          options.nf4Decode,
+        );
         gpuBytes += w.packed.byteLength + w.absmax.byteLength;
         byName.set(name, w);
       } else {

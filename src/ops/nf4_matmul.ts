@@ -6,11 +6,12 @@
  * With at least DEQUANTIZE_MIN_ROWS activation rows (training and batch encoding), W is
  * decoded into a pooled scratch tensor once per call and the plain matmul does the product:
  * decoding is then a small share of the work, and the matmul's tiles are faster than any
- * kernel that decodes as it multiplies. The scratch holds f16 bit patterns when every decoded
- * weight is 0 or a normal f16 (`decodesToF16`): each is then code * absmax rounded once to
- * f16 (2^-11 relative), what bitsandbytes computes in an fp16 compute dtype, and the matmul
- * reads 16-bit weights packed along K with larger tiles than f32 allows. Other weights decode
- * to f32, exact. With fewer rows decoding costs as much
+ * kernel that decodes as it multiplies. The scratch holds the exact f32 products code * absmax
+ * (docs/numerics.md §3.1), unless the weight was uploaded with `decode: "f16"`: then, when every
+ * decoded weight is 0 or a normal f16, it holds f16 bit patterns, code * absmax rounded once to
+ * f16 (2^-11 relative, what bitsandbytes computes in an fp16 compute dtype), and the matmul
+ * reads 16-bit weights packed along K with larger tiles than f32 allows (~1.1-1.25x faster on
+ * lavapipe) at the cost of no longer matching the float64 oracle to the fixtures' tolerances. With fewer rows decoding costs as much
  * as the product, so it happens in registers: when K is a multiple of the block (every Qwen3 projection), the activation operand is first
  * copied into 64 KiB uniform-buffer tiles (kernels/nf4_matmul.wgsl explains why) and each tile
  * of rows is multiplied chunk by chunk along the reduction; other shapes take a plain kernel.
@@ -35,11 +36,14 @@ export interface Nf4Weight {
   /** Elements per absmax block; 64 (bitsandbytes' default) when absent. */
   blockSize?: number;
   /**
-   * Whether every decoded weight is 0 or a normal f16, so the many-row products may decode W
-   * to f16 (`uploadNf4Weight` sets it from the absmax values); absent: decode to f32.
+   * Whether the many-row products decode W to f16 rather than f32: `uploadNf4Weight` sets it
+   * for `decode: "f16"` when every decoded weight is 0 or a normal f16. Absent: f32.
    */
   decodesToF16?: boolean;
 }
+
+/** What the many-row products decode an NF4 weight to: exact f32, or f16 like bitsandbytes' fp16 compute dtype. */
+export type Nf4Decode = "f32" | "f16";
 
 export interface Nf4MatmulOptions {
   /** f32 tensor of M * outFeatures elements to write y into. */
@@ -92,7 +96,10 @@ function decodesToF16(absmax: Float32Array): boolean {
   return true;
 }
 
-/** Uploads `nf4Quantize` output as an `Nf4Weight` of shape [outFeatures, inFeatures]. */
+/**
+ * Uploads `nf4Quantize` output as an `Nf4Weight` of shape [outFeatures, inFeatures]; `decode`
+ * picks what the many-row products decode it to (see the module comment).
+ */
 export function uploadNf4Weight(
   gpu: Gpu,
   quantized: Nf4Quantized,
@@ -100,6 +107,7 @@ export function uploadNf4Weight(
   inFeatures: number,
   name = "nf4",
   blockSize = NF4_BLOCK_SIZE,
+  decode: Nf4Decode = "f32",
 ): Nf4Weight {
   requirePositiveInteger("uploadNf4Weight", "outFeatures", outFeatures);
   requirePositiveInteger("uploadNf4Weight", "inFeatures", inFeatures);
@@ -121,7 +129,7 @@ export function uploadNf4Weight(
     outFeatures,
     inFeatures,
     blockSize,
-    decodesToF16: decodesToF16(quantized.absmax),
+    decodesToF16: decode === "f16" && decodesToF16(quantized.absmax),
   };
 }
 
@@ -252,9 +260,10 @@ function tiledProduct(
 
 /**
  * W [outFeatures, inFeatures] decoded into a pooled tensor for the many-row products: f16 bit
- * patterns when `w.decodesToF16` and the element count is a multiple of 8 (one packed word per
- * invocation), else exact f32. The caller destroys it; a later call of the same shape gets the
- * same buffer back from the pool, so the layers of a model share one scratch per shape.
+ * patterns when `w.decodesToF16` and the element count is a multiple of 8, else exact f32; one
+ * packed word per invocation when the count is a multiple of 8. The caller destroys it; a later
+ * call of the same shape gets the same buffer back from the pool, so the layers of a model
+ * share one scratch per shape.
  */
 export function nf4DecodeWeight(gpu: Gpu, w: Nf4Weight): Tensor {
   const block = checkWeight("nf4DecodeWeight", w);
@@ -262,12 +271,23 @@ export function nf4DecodeWeight(gpu: Gpu, w: Nf4Weight): Tensor {
   const name = `${w.packed.name}.decoded`;
   const constants = { BLOCK: block };
   const params = [...CODE_PARAMS, 0, n, k, 0, 0, 0, 0, 0];
-  if (w.decodesToF16 && (n * k) % 8 === 0) {
-    const out = gpu.empty([n, k], "f16", name);
+  if ((n * k) % 8 === 0) {
+    const f16 = w.decodesToF16 === true;
+    const out = gpu.empty([n, k], f16 ? "f16" : "f32", name);
+    const bindings = [
+      null,
+      w.packed,
+      w.absmax,
+      null,
+      null,
+      null,
+      null,
+      ...(f16 ? [out] : [null, out]),
+    ];
     gpu.dispatch({
-      kernel: { name: KERNEL, code, entry: "dequantize_f16", constants },
+      kernel: { name: KERNEL, code, entry: f16 ? "dequantize_f16" : "dequantize_f32", constants },
       params,
-      bindings: [null, w.packed, w.absmax, null, null, null, null, out],
+      bindings,
       workgroups: grid1d(gpu, (n * k) / 8, DEQUANTIZE_WORKGROUP),
     });
     return out;

@@ -3,6 +3,7 @@ import type { Gpu } from "../../src/gpu/device.ts";
 import { nf4Dequantize, nf4Quantize } from "../../src/ops/nf4.ts";
 import {
   DEQUANTIZE_MIN_ROWS,
+  type Nf4Decode,
   nf4DecodeWeight,
   nf4Matmul,
   nf4MatmulInputGrad,
@@ -16,9 +17,16 @@ function f16Bits(values: Float32Array): Uint16Array {
   return new Uint16Array(Float16Array.from(values).buffer);
 }
 
-function upload(gpu: Gpu, values: Float32Array, n: number, k: number, blockSize = 64) {
+function upload(
+  gpu: Gpu,
+  values: Float32Array,
+  n: number,
+  k: number,
+  blockSize = 64,
+  decode: Nf4Decode = "f16",
+) {
   const q = nf4Quantize(values, blockSize);
-  const w = uploadNf4Weight(gpu, q, n, k, `w${n}x${k}`, blockSize);
+  const w = uploadNf4Weight(gpu, q, n, k, `w${n}x${k}`, blockSize, decode);
   return { w, exact: nf4Dequantize(q.packed, q.absmax, n * k, blockSize) };
 }
 
@@ -27,7 +35,7 @@ function destroy(w: Nf4Weight): void {
   w.absmax.destroy();
 }
 
-Deno.test("nf4DecodeWeight writes code * absmax rounded once to f16, blocks straddling words included", async () => {
+Deno.test("nf4DecodeWeight under decode f16 writes code * absmax rounded once to f16, blocks straddling words included", async () => {
   const gpu = await testGpu();
   // [n, k, block]: rows not a multiple of the block, and blocks of 6 and 10 that start
   // mid-word (per-element scales); a zero block (absmax 0) decodes to zeros.
@@ -46,7 +54,22 @@ Deno.test("nf4DecodeWeight writes code * absmax rounded once to f16, blocks stra
   }
 });
 
-Deno.test("nf4DecodeWeight keeps f32 where f16 would overflow, go subnormal, or the count is odd", async () => {
+Deno.test("nf4DecodeWeight writes the exact f32 code * absmax by default, word by word or not", async () => {
+  const gpu = await testGpu();
+  // [n, k, block]: whole words in a block, blocks of 6 starting mid-word, and 5 x 37 elements
+  // (not a multiple of 8: the element-wise kernel).
+  for (const [n, k, block] of [[37, 24, 64], [9, 40, 6], [5, 37, 64]]) {
+    const { w, exact } = upload(gpu, randn(n * k, n + k, 0.05), n, k, block, "f32");
+    assert.equal(w.decodesToF16, false);
+    const decoded = nf4DecodeWeight(gpu, w);
+    assert.equal(decoded.dtype, "f32");
+    assert.deepEqual(await gpu.read(decoded), exact, `[${n}, ${k}] in blocks of ${block}`);
+    decoded.destroy();
+    destroy(w);
+  }
+});
+
+Deno.test("decode f16 keeps f32 where f16 would overflow, go subnormal, or the count is odd", async () => {
   const gpu = await testGpu();
   const big = randn(8 * 16, 1, 0.05);
   big[5] = 7e4; // absmax over f16's largest value, 65504
@@ -67,7 +90,7 @@ Deno.test("nf4DecodeWeight keeps f32 where f16 would overflow, go subnormal, or 
   }
 });
 
-Deno.test("nf4Matmul and nf4MatmulInputGrad with many rows use the f16-decoded weight", async () => {
+Deno.test("nf4Matmul and nf4MatmulInputGrad with many rows use the f16-decoded weight under decode f16", async () => {
   const gpu = await testGpu();
   // [m, k, n]: odd row counts from DEQUANTIZE_MIN_ROWS on, K a multiple of 8 (the 16-bit
   // matmul's packed loads) and not (68: pairs of f16 values per load).
