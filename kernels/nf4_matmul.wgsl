@@ -2,7 +2,8 @@
 // dx = dy W. W is stored as 4-bit code indices, two per byte with the first element of each
 // pair in the high nibble, and one f32 absmax per block of `block` consecutive elements of the
 // flattened weight. The fused entries dequantise weights in registers; for many activation
-// rows `dequantize` writes W out in f32 once per call for the plain matmul to use.
+// rows `dequantize_f32` or `dequantize_f16` (whole packed words) or `dequantize` (any element
+// count) writes W out once per call for the plain matmul to use.
 //
 // The tiled entries read the activation operand (x or dy) from a uniform buffer that `stage`
 // has cut into 64 KiB tiles of TM rows x PITCH columns. On lavapipe every load inside a loop
@@ -45,6 +46,8 @@ override BLOCK: u32 = 64u;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 @group(0) @binding(6) var<storage, read> act: array<f32>;
 @group(0) @binding(7) var<storage, read_write> staged: array<f32>; // also dequantize's output
+@group(0) @binding(8) var<storage, read_write> decoded_f16: array<vec4u>;
+@group(0) @binding(9) var<storage, read_write> decoded_f32: array<vec4f>;
 
 fn code(i: u32) -> f32 {
   return p.code[i >> 2u][i & 3u];
@@ -296,5 +299,52 @@ fn dequantize(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups
   let total = p.n * p.k;
   for (var e = first; e < min(first + 8u, total); e++) {
     staged[e] = weight_at(e);
+  }
+}
+
+// The eight elements of packed word `word` (flat elements 8 word .. 8 word + 7), each the f32
+// product code * absmax: [0] holds the first four, [1] the next four.
+fn decode_word(word: u32) -> array<vec4f, 2> {
+  let q = packed[word];
+  let e = word * 8u;
+  // BLOCK is a pipeline constant, so this branch is resolved when the pipeline is built.
+  if (BLOCK % 8u == 0u) {
+    let scale = absmax[e / BLOCK];
+    return array(word_half(q, 0u, scale), word_half(q, 1u, scale));
+  }
+  let first = vec4u(e) + vec4u(0u, 1u, 2u, 3u);
+  let b_lo = first / BLOCK;
+  let b_hi = (first + vec4u(4u)) / BLOCK;
+  return array(
+    word_half(q, 0u, 1.0) * vec4f(absmax[b_lo.x], absmax[b_lo.y], absmax[b_lo.z], absmax[b_lo.w]),
+    word_half(q, 1u, 1.0) * vec4f(absmax[b_hi.x], absmax[b_hi.y], absmax[b_hi.z], absmax[b_hi.w]),
+  );
+}
+
+// W decoded into `decoded_f32` as f32 [N, K] row-major, one packed word per invocation: one
+// packed load, one absmax load (when words do not straddle blocks) and two 16-byte stores for
+// eight elements. Needs N * K a multiple of 8.
+@compute @workgroup_size(256)
+fn dequantize_f32(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let word = flat_index(gid, nwg, 256u);
+  if (word < p.n * p.k / 8u) {
+    let v = decode_word(word);
+    decoded_f32[2u * word] = v[0];
+    decoded_f32[2u * word + 1u] = v[1];
+  }
+}
+
+// W decoded into `decoded_f16` as f16 bit patterns, [N, K] row-major and two per u32 with the
+// lower-index element in the low half, as the matmul unpacks them: the eight elements of one
+// packed word per invocation. Each value is the f32 product code * absmax rounded once to f16,
+// which is what bitsandbytes' dequantisation computes in an fp16 compute dtype. Needs N * K a
+// multiple of 8.
+@compute @workgroup_size(256)
+fn dequantize_f16(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
+  let word = flat_index(gid, nwg, 256u);
+  if (word < p.n * p.k / 8u) {
+    let v = decode_word(word);
+    let lo = vec2u(pack2x16float(v[0].xy), pack2x16float(v[0].zw));
+    decoded_f16[word] = vec4u(lo, pack2x16float(v[1].xy), pack2x16float(v[1].zw));
   }
 }

@@ -29,8 +29,9 @@ Options:
   -h, --help   show this help
 
 The student bench (--only student runs it alone) writes a random bench-config Qwen3 to
-bench-out/student-bench-qwen3/ once and times the forward with NF4 and with f32 weights and
-one training step (NF4 + LoRA r16 q/k/v/o + resampler, batch 1, 256 tokens).
+bench-out/student-bench-qwen3/ once and times the forward with NF4 weights (decoded to f32, the
+default, and to f16) and with f32 weights and one training step (NF4 + LoRA r16 q/k/v/o +
+resampler, batch 1, 256 tokens).
 
 Every result is the median wall time (ms) of one call after a warm-up, GPU work included,
 with the process CPU time (cpuMs, all threads) that tells how much of the machine a CPU

@@ -1,7 +1,7 @@
 /**
  * The student at the bench config (hidden 1024, 8 layers, 16/8 heads x 64, intermediate 3072,
- * vocab 4096, 256 tokens; resampler at its defaults): forward with NF4 weights, forward with
- * f32 weights, and one distillation step (NF4 + LoRA r16 on q/k/v/o + resampler, batch 1, no
+ * vocab 4096, 256 tokens; resampler at its defaults): forward with NF4 weights (decoded to f32,
+ * and to f16), forward with f32 weights, and one distillation step (NF4 + LoRA r16 on q/k/v/o + resampler, batch 1, no
  * checkpointing), the same work as PyTorch's `torch_student.py`, whose JSON `--torch` reads.
  *
  * The random checkpoint is written once (BF16) under bench-out/ and reused.
@@ -12,6 +12,7 @@ import { DEFAULT_LORA_CONFIG, destroyLora, initLora } from "../models/lora.ts";
 import { qwen3Forward, type TokenBatch } from "../models/qwen3.ts";
 import {
   destroyQwen3Weights,
+  type LoadQwen3Options,
   loadQwen3Weights,
   type Qwen3Config,
   qwen3LinearShapes,
@@ -97,10 +98,10 @@ async function ensureCheckpoint(dir: string): Promise<void> {
   await writeRandomQwen3(dir, STUDENT_BENCH_CONFIG, { seed: 5, dtype: "BF16" });
 }
 
-async function loadWeights(gpu: Gpu, dir: string, quantize: "nf4" | "none") {
+async function loadWeights(gpu: Gpu, dir: string, options: LoadQwen3Options) {
   const folder = await ModelFolder.open(dir);
   try {
-    return await loadQwen3Weights(gpu, folder, { quantize });
+    return await loadQwen3Weights(gpu, folder, options);
   } finally {
     folder.close();
   }
@@ -207,25 +208,25 @@ export const studentBench: Bench = {
         out.destroy();
         peak.sample();
       };
-      for (const quantize of ["nf4", "none"] as const) {
-        const weights = await loadWeights(gpu, STUDENT_BENCH_DIR, quantize);
+      // NF4 decoded to exact f32 for the products (the default), to f16, and f32 weights.
+      const variants: Array<[string, LoadQwen3Options]> = [
+        ["student_forward_nf4", { quantize: "nf4" }],
+        ["student_forward_nf4_f16", { quantize: "nf4", nf4Decode: "f16" }],
+        ["student_forward_f32", { quantize: "none" }],
+      ];
+      for (const [name, options] of variants) {
+        const weights = await loadWeights(gpu, STUDENT_BENCH_DIR, options);
         peak.reset();
         const seconds = await timeSeconds(reps, forward(weights));
         const counters = await countCalls(gpu, forward(weights));
         results.push({
-          ...row(
-            peak,
-            `student_forward_${quantize === "nf4" ? "nf4" : "f32"}`,
-            seconds,
-            counters,
-            torch?.fwd_f32_s,
-          ),
+          ...row(peak, name, seconds, counters, torch?.fwd_f32_s),
           weightGpuBytes: weights.gpuBytes,
         });
         destroyQwen3Weights(weights);
       }
 
-      const qwen = await loadWeights(gpu, STUDENT_BENCH_DIR, "nf4");
+      const qwen = await loadWeights(gpu, STUDENT_BENCH_DIR, { quantize: "nf4" });
       const { lora, resampler, resamplerConfig, step } = trainableStudent(gpu, qwen, rng, {
         gradientCheckpointing: false,
       });

@@ -1,7 +1,7 @@
 import type { Gpu } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import type { ModelFolder } from "../io/hf.ts";
-import type { Nf4Weight } from "../ops/nf4_matmul.ts";
+import type { Nf4Decode, Nf4Weight } from "../ops/nf4_matmul.ts";
 import { type LinearName, type LinearShapes, QWEN3_LINEARS } from "./lora.ts";
 import {
   checkWeights,
@@ -116,6 +116,8 @@ export interface Qwen3Weights {
 export interface LoadQwen3Options {
   /** "nf4" (default) quantizes every decoder *_proj as it is read; "none" keeps f32. */
   quantize?: "nf4" | "none";
+  /** What products over many rows decode the NF4 weights to (`uploadNf4Weight`); default "f32". */
+  nf4Decode?: Nf4Decode;
   /** Called after each tensor is on the GPU. */
   onTensor?: (name: string, done: number, total: number) => void;
   /**
@@ -208,6 +210,7 @@ export async function loadQwen3Weights(
   const loaded = await loadWeights(gpu, folder, schema, {
     onTensor: options.onTensor,
     storedChunkBytes: embedChunkBytes,
+    nf4Decode: options.nf4Decode,
   });
   const layers: Qwen3Layer[] = [];
   for (let i = 0; i < config.numLayers; i++) {

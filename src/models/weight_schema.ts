@@ -13,7 +13,7 @@ import { type DType, dtypeBytes, numel, Tensor } from "../gpu/tensor.ts";
 import type { ModelFolder } from "../io/hf.ts";
 import { type SafeDType, SafetensorsFile, type TensorInfo } from "../io/safetensors.ts";
 import { NF4_BLOCK_SIZE, nf4Quantize, type Nf4Quantized } from "../ops/nf4.ts";
-import { type Nf4Weight, uploadNf4Weight } from "../ops/nf4_matmul.ts";
+import { type Nf4Decode, type Nf4Weight, uploadNf4Weight } from "../ops/nf4_matmul.ts";
 
 /**
  * How a tensor goes on the GPU:
@@ -52,6 +52,8 @@ export interface LoadWeightsOptions {
    * 64 MiB), so the host never holds a whole embedding table.
    */
   storedChunkBytes?: number;
+  /** What products over many rows decode "nf4" weights to (`uploadNf4Weight`); default "f32". */
+  nf4Decode?: Nf4Decode;
 }
 
 /** The dtypes a weight may be saved in, with the GPU dtype a "stored" weight keeps. */
@@ -261,14 +263,17 @@ async function uploadWeight(
   source: WeightSource,
   spec: WeightSpec,
   scratch: Scratch,
-  storedChunkBytes: number,
+  options: LoadWeightsOptions,
 ): Promise<Tensor | Nf4Weight> {
-  if (spec.placement === "stored") return await uploadStored(gpu, source, spec, storedChunkBytes);
+  if (spec.placement === "stored") {
+    const chunkBytes = options.storedChunkBytes ?? DEFAULT_STORED_CHUNK_BYTES;
+    return await uploadStored(gpu, source, spec, chunkBytes);
+  }
   const values = await source.readF32(spec.name, scratch.values);
   if (spec.placement === "f32") return gpu.upload(values, spec.shape, "f32", spec.name);
   const [out, inFeatures] = spec.shape;
   const q = nf4Quantize(values, NF4_BLOCK_SIZE, scratch.nf4);
-  return uploadNf4Weight(gpu, q, out, inFeatures, spec.name);
+  return uploadNf4Weight(gpu, q, out, inFeatures, spec.name, NF4_BLOCK_SIZE, options.nf4Decode);
 }
 
 function gpuBytesOf(w: Tensor | Nf4Weight): number {
@@ -295,7 +300,6 @@ export async function loadWeights(
       .map((s) => [s.name, s]),
   );
   const scratch = scratchFor([...toRead.values()]);
-  const storedChunkBytes = options.storedChunkBytes ?? DEFAULT_STORED_CHUNK_BYTES;
   const byName = new Map<string, Tensor | Nf4Weight>();
   let gpuBytes = 0;
   try {
@@ -303,7 +307,7 @@ export async function loadWeights(
       for (const name of names) {
         const spec = toRead.get(name);
         if (!spec) continue;
-        const w = await uploadWeight(gpu, source, spec, scratch, storedChunkBytes);
+        const w = await uploadWeight(gpu, source, spec, scratch, options);
         byName.set(name, w);
         gpuBytes += gpuBytesOf(w);
         options.onTensor?.(name, byName.size, toRead.size);

@@ -4,9 +4,14 @@
  * weight. W stays packed on the GPU.
  *
  * With at least DEQUANTIZE_MIN_ROWS activation rows (training and batch encoding), W is
- * dequantised to f32 into a pooled scratch tensor once per call and the plain matmul does
- * the product: decoding is then a small share of the work, and the f32 matmul's tiles are
- * faster than any kernel that decodes as it multiplies. With fewer rows decoding costs as much
+ * decoded into a pooled scratch tensor once per call and the plain matmul does the product:
+ * decoding is then a small share of the work, and the matmul's tiles are faster than any
+ * kernel that decodes as it multiplies. The scratch holds the exact f32 products code * absmax
+ * (docs/numerics.md §3.1), unless the weight was uploaded with `decode: "f16"`: then, when every
+ * decoded weight is 0 or a normal f16, it holds f16 bit patterns, code * absmax rounded once to
+ * f16 (2^-11 relative, what bitsandbytes computes in an fp16 compute dtype), and the matmul
+ * reads 16-bit weights packed along K with larger tiles than f32 allows (~1.1-1.25x faster on
+ * lavapipe) at the cost of no longer matching the float64 oracle to the fixtures' tolerances. With fewer rows decoding costs as much
  * as the product, so it happens in registers: when K is a multiple of the block (every Qwen3 projection), the activation operand is first
  * copied into 64 KiB uniform-buffer tiles (kernels/nf4_matmul.wgsl explains why) and each tile
  * of rows is multiplied chunk by chunk along the reduction; other shapes take a plain kernel.
@@ -30,7 +35,15 @@ export interface Nf4Weight {
   inFeatures: number;
   /** Elements per absmax block; 64 (bitsandbytes' default) when absent. */
   blockSize?: number;
+  /**
+   * Whether the many-row products decode W to f16 rather than f32: `uploadNf4Weight` sets it
+   * for `decode: "f16"` when every decoded weight is 0 or a normal f16. Absent: f32.
+   */
+  decodesToF16?: boolean;
 }
+
+/** What the many-row products decode an NF4 weight to: exact f32, or f16 like bitsandbytes' fp16 compute dtype. */
+export type Nf4Decode = "f32" | "f16";
 
 export interface Nf4MatmulOptions {
   /** f32 tensor of M * outFeatures elements to write y into. */
@@ -62,7 +75,7 @@ const MAX_TILE_ROWS = 32;
 const TILED_WORKGROUP = 64;
 const GENERAL_WORKGROUP = 64;
 const STAGE_WORKGROUP = 256;
-/** Must match dequantize's workgroup size in the WGSL; each invocation decodes 8 elements. */
+/** Must match the dequantize entries' workgroup size; each invocation decodes 8 elements. */
 const DEQUANTIZE_WORKGROUP = 256;
 /** Activation rows from which W is dequantised once and multiplied by the f32 matmul. */
 export const DEQUANTIZE_MIN_ROWS = 64;
@@ -70,8 +83,23 @@ export const DEQUANTIZE_MIN_ROWS = 64;
 const COLUMNS_PER_INVOCATION = 8;
 
 const CODE_PARAMS = [...NF4_CODE].map(f32);
+/** The largest finite f16. */
+const F16_MAX = 65504;
+/** Smallest absmax whose smallest nonzero code (0.0796) still decodes to a normal f16 (2^-14). */
+const F16_MIN_ABSMAX = 2 ** -14 / Math.min(...[...NF4_CODE].filter((c) => c !== 0).map(Math.abs));
 
-/** Uploads `nf4Quantize` output as an `Nf4Weight` of shape [outFeatures, inFeatures]. */
+/** Whether code * absmax is 0 or a normal f16 for every code and every block's absmax. */
+function decodesToF16(absmax: Float32Array): boolean {
+  for (const a of absmax) {
+    if (a !== 0 && !(a >= F16_MIN_ABSMAX && a <= F16_MAX)) return false;
+  }
+  return true;
+}
+
+/**
+ * Uploads `nf4Quantize` output as an `Nf4Weight` of shape [outFeatures, inFeatures]; `decode`
+ * picks what the many-row products decode it to (see the module comment).
+ */
 export function uploadNf4Weight(
   gpu: Gpu,
   quantized: Nf4Quantized,
@@ -79,6 +107,7 @@ export function uploadNf4Weight(
   inFeatures: number,
   name = "nf4",
   blockSize = NF4_BLOCK_SIZE,
+  decode: Nf4Decode = "f32",
 ): Nf4Weight {
   requirePositiveInteger("uploadNf4Weight", "outFeatures", outFeatures);
   requirePositiveInteger("uploadNf4Weight", "inFeatures", inFeatures);
@@ -100,6 +129,7 @@ export function uploadNf4Weight(
     outFeatures,
     inFeatures,
     blockSize,
+    decodesToF16: decode === "f16" && decodesToF16(quantized.absmax),
   };
 }
 
@@ -228,13 +258,44 @@ function tiledProduct(
   }
 }
 
-/** W as an f32 [outFeatures, inFeatures] tensor from the pool; the caller destroys it. */
-function dequantized(gpu: Gpu, w: Nf4Weight, block: number): Tensor {
+/**
+ * W [outFeatures, inFeatures] decoded into a pooled tensor for the many-row products: f16 bit
+ * patterns when `w.decodesToF16` and the element count is a multiple of 8, else exact f32; one
+ * packed word per invocation when the count is a multiple of 8. The caller destroys it; a later
+ * call of the same shape gets the same buffer back from the pool, so the layers of a model
+ * share one scratch per shape.
+ */
+export function nf4DecodeWeight(gpu: Gpu, w: Nf4Weight): Tensor {
+  const block = checkWeight("nf4DecodeWeight", w);
   const { outFeatures: n, inFeatures: k } = w;
-  const out = gpu.empty([n, k], "f32", `${w.packed.name}.dequantized`);
+  const name = `${w.packed.name}.decoded`;
+  const constants = { BLOCK: block };
+  const params = [...CODE_PARAMS, 0, n, k, 0, 0, 0, 0, 0];
+  if ((n * k) % 8 === 0) {
+    const f16 = w.decodesToF16 === true;
+    const out = gpu.empty([n, k], f16 ? "f16" : "f32", name);
+    const bindings = [
+      null,
+      w.packed,
+      w.absmax,
+      null,
+      null,
+      null,
+      null,
+      ...(f16 ? [out] : [null, out]),
+    ];
+    gpu.dispatch({
+      kernel: { name: KERNEL, code, entry: f16 ? "dequantize_f16" : "dequantize_f32", constants },
+      params,
+      bindings,
+      workgroups: grid1d(gpu, (n * k) / 8, DEQUANTIZE_WORKGROUP),
+    });
+    return out;
+  }
+  const out = gpu.empty([n, k], "f32", name);
   gpu.dispatch({
-    kernel: { name: KERNEL, code, entry: "dequantize", constants: { BLOCK: block } },
-    params: [...CODE_PARAMS, 0, n, k, 0, 0, 0, 0, 0],
+    kernel: { name: KERNEL, code, entry: "dequantize", constants },
+    params,
     bindings: [null, w.packed, w.absmax, null, null, null, out],
     workgroups: grid1d(gpu, Math.ceil((n * k) / 8), DEQUANTIZE_WORKGROUP),
   });
@@ -283,7 +344,7 @@ export function nf4Matmul(
   const y = opts.out ?? gpu.empty(shape, "f32", `nf4Matmul(${x.name})`);
   if (m === 0) return y;
   if (m >= DEQUANTIZE_MIN_ROWS) {
-    const wf = dequantized(gpu, w, block);
+    const wf = nf4DecodeWeight(gpu, w);
     matmul(gpu, x.reshape([m, k]), wf, { bias: opts.bias, out: y });
     wf.destroy();
     return y;
@@ -319,7 +380,7 @@ export function nf4MatmulInputGrad(
   const dx = opts.out ?? gpu.empty(shape, "f32", `nf4MatmulInputGrad(${dy.name})`);
   if (m === 0) return dx;
   if (m >= DEQUANTIZE_MIN_ROWS) {
-    const wf = dequantized(gpu, w, block);
+    const wf = nf4DecodeWeight(gpu, w);
     matmul(gpu, dy.reshape([m, n]), wf, {
       transposeW: false,
       out: dx,
