@@ -20,12 +20,19 @@ export function sizeClass(bytes: number): number {
  * Storage buffers by size class. A released buffer may be handed out again before the
  * GPU has run the work that reads it: that is safe because dispatches in one queue run
  * in order, and host writes (`Gpu.write`) submit pending work first.
+ *
+ * Of the free buffers of a class the oldest is handed out first, so a loop that frees all it
+ * takes gets the same buffers in the same places every time: a training step then records
+ * the same bind groups each step (the `Gpu` caches them) instead of a reshuffled set.
  */
 export class BufferPool {
   readonly #device: GPUDevice;
+  /** Free buffers per size class, newest first, so `pop` gives the oldest. */
   readonly #free = new Map<number, GPUBuffer[]>();
+  readonly #age = new WeakMap<GPUBuffer, number>();
   #pooledBytes = 0;
   #liveBytes = 0;
+  #created = 0;
   /** Released past the cap: destroyed after the next submission, since recorded work may use them. */
   #retired: GPUBuffer[] = [];
 
@@ -44,6 +51,11 @@ export class BufferPool {
     return this.#liveBytes;
   }
 
+  /** Buffers created so far: flat once a loop that allocates and frees reuses what it freed. */
+  get createdCount(): number {
+    return this.#created;
+  }
+
   acquire(bytes: number, label: string): GPUBuffer {
     const size = sizeClass(bytes);
     const reused = this.#free.get(size)?.pop();
@@ -52,7 +64,9 @@ export class BufferPool {
       this.#pooledBytes -= size;
       return reused;
     }
-    return this.#device.createBuffer({ label, size, usage: USAGE });
+    const buffer = this.#device.createBuffer({ label, size, usage: USAGE });
+    this.#age.set(buffer, this.#created++);
+    return buffer;
   }
 
   release(buffer: GPUBuffer): void {
@@ -64,7 +78,10 @@ export class BufferPool {
     }
     let list = this.#free.get(size);
     if (!list) this.#free.set(size, list = []);
-    list.push(buffer);
+    const age = this.#age.get(buffer)!;
+    let at = list.length;
+    while (at > 0 && this.#age.get(list[at - 1])! < age) at--;
+    list.splice(at, 0, buffer);
     this.#pooledBytes += size;
   }
 

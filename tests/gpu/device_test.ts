@@ -136,3 +136,42 @@ Deno.test("many host writes without GPU work are submitted as they pile up", asy
   assert.equal((await gpu.read(t) as Float32Array)[12345], 3);
   t.destroy();
 });
+
+Deno.test("freed buffers of a size class come back oldest first, whatever order they were freed in", async () => {
+  const gpu = await testGpu();
+  const [a, b, c] = [0, 1, 2].map((i) => gpu.empty([777], "f32", `t${i}`));
+  const buffers = [a.buffer, b.buffer, c.buffer];
+  const created = gpu.stats.buffersCreated;
+  for (const t of [b, c, a]) t.destroy();
+  const again = [0, 1, 2].map(() => gpu.empty([777], "f32"));
+  const order = again.map((t) => buffers.indexOf(t.buffer));
+  assert.ok(order.every((i) => i >= 0), "every buffer is reused");
+  assert.deepEqual(order, [...order].sort((x, y) => x - y), "in creation order");
+  assert.equal(gpu.stats.buffersCreated, created);
+  for (const t of again) t.destroy();
+});
+
+Deno.test("a repeated dispatch reuses its bind group; other buffers or params slots get their own", async () => {
+  const gpu = await testGpu();
+  const x = gpu.upload(new Float32Array([1, 2, 3]), [3], "f32");
+  const y = gpu.upload(new Float32Array([4, 5, 6]), [3], "f32");
+  const created = () => gpu.stats.bindGroupsCreated;
+  const sums = [];
+  const start = created();
+  sums.push(add(gpu, x, y)); // first use of this pipeline, ring slot 0 and buffers
+  await gpu.sync();
+  const afterFirst = created();
+  sums.push(add(gpu, x, y)); // a new output buffer (and the next params slot)
+  sums.push(add(gpu, y, x)); // and the inputs swapped
+  const results = await gpu.readAll(sums);
+  assert.deepEqual(results, Array(3).fill(new Float32Array([5, 7, 9])));
+  assert.equal(afterFirst - start, 1);
+  assert.equal(created() - afterFirst, 2, "other bindings, other slots");
+  for (const t of sums) t.destroy();
+  sums.length = 0;
+  const again = created();
+  const sum = add(gpu, x, y); // the first output's buffer again, in ring slot 0
+  assert.deepEqual(await gpu.read(sum), new Float32Array([5, 7, 9]));
+  assert.equal(created(), again, "same pipeline, slot and buffers: cached");
+  for (const t of [x, y, sum]) t.destroy();
+});
