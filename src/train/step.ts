@@ -134,6 +134,10 @@ export class DistillStep {
     const { qwen, lora, resampler } = student;
     const { batch, seqLen } = micro.tokens;
     const c = resampler.config;
+    // Host data goes up before any work is recorded: each upload submits what is recorded, so
+    // uploading here adds no submission (the ids' upload in the forward submits nothing new).
+    const tSeq = gpu.upload(micro.targetSeq, [batch, c.numQueries, c.dimSeq], "f32", "target_seq");
+    const tPooled = gpu.upload(micro.targetPooled, [batch, c.dimPooled], "f32", "target_pooled");
     const { hidden, state } = qwen3ForwardTrain(gpu, qwen, micro.tokens, {
       lora,
       train: { dropoutSeed },
@@ -146,8 +150,6 @@ export class DistillStep {
       hidden3,
       state.ctx.keyLengths,
     );
-    const tSeq = gpu.upload(micro.targetSeq, [batch, c.numQueries, c.dimSeq], "f32", "target_seq");
-    const tPooled = gpu.upload(micro.targetPooled, [batch, c.dimPooled], "f32", "target_pooled");
     const lossSeq = mseLoss(gpu, seq, tSeq, { lossScale });
     const lossPooled = mseLoss(gpu, pooled, tPooled, { lossScale });
     for (const t of [seq, pooled, tSeq, tPooled]) t.destroy();
