@@ -134,8 +134,8 @@ export class DistillStep {
     const { qwen, lora, resampler } = student;
     const { batch, seqLen } = micro.tokens;
     const c = resampler.config;
-    // Host data goes up before any work is recorded: each upload submits what is recorded, so
-    // uploading here adds no submission (the ids' upload in the forward submits nothing new).
+    // Host data goes up before any work is recorded: an upload submits what is recorded, so
+    // uploading here adds no submission (the forward's own uploads then find nothing to send).
     const tSeq = gpu.upload(micro.targetSeq, [batch, c.numQueries, c.dimSeq], "f32", "target_seq");
     const tPooled = gpu.upload(micro.targetPooled, [batch, c.dimPooled], "f32", "target_pooled");
     const { hidden, state } = qwen3ForwardTrain(gpu, qwen, micro.tokens, {
@@ -215,6 +215,8 @@ export class DistillStep {
     const clipCoef = clipCoefficient(totalNorm, this.settings.maxGradNorm);
     this.optimizer.step(this.#gradients, { clipCoef, lrFactor });
     for (const g of this.#gradients.values()) this.gpu.clear(g);
+    // Submitted now, so the update runs while the host reads and tokenizes the next batch.
+    this.gpu.flush();
     return clipCoef;
   }
 

@@ -254,7 +254,8 @@ Deno.test("steps after the first create no buffer and no bind group, with checkp
       submits: after.submits - before.submits,
     });
   }
-  // One submission per micro-batch (its uploads send what was recorded before) and the read.
+  // k + 1 submissions for k micro-batches: the second's upload sends the first's work, the read
+  // the second's, and apply its AdamW update.
   const steady = { buffers: 0, bindGroups: 0, readbacks: 1, submits: 3 };
   assert.deepEqual(counts.slice(1), [steady, steady]);
   step.destroy();
