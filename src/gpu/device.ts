@@ -84,8 +84,11 @@ const UNIFORM_RING_BYTES = 1 << 20;
 /** Host writes queued past this are submitted, so wgpu's staging copies do not pile up. */
 const MAX_PENDING_WRITE_BYTES = 64 << 20;
 const MAX_PARAM_BYTES = 256;
-/** Readback staging buffers up to this size are kept for the next read (losses, norms). */
-const MAX_KEPT_STAGING_BYTES = 1 << 20;
+/**
+ * Readback staging buffers are kept for the next read (a step reads the same losses and norms)
+ * up to this many bytes in all; larger or further ones are destroyed after the read.
+ */
+const MAX_KEPT_STAGING_BYTES = 16 << 20;
 /**
  * Bind groups kept for reuse; past it the cache starts over. A training step records about a
  * thousand distinct ones, the same each step.
@@ -132,6 +135,7 @@ export class Gpu {
   #readbackCount = 0;
   #bindGroupCount = 0;
   #stagingCreated = 0;
+  #keptStagingBytes = 0;
   #nextBufferId = 0;
   #pendingWriteBytes = 0;
 
@@ -384,7 +388,10 @@ export class Gpu {
   #stagingBuffer(t: Tensor): GPUBuffer {
     const size = sizeClass(t.byteLength);
     const kept = this.#staging.get(size)?.pop();
-    if (kept) return kept;
+    if (kept) {
+      this.#keptStagingBytes -= size;
+      return kept;
+    }
     this.#stagingCreated++;
     return this.device.createBuffer({
       label: `read:${t.name}`,
@@ -393,12 +400,13 @@ export class Gpu {
     });
   }
 
-  /** Keeps small staging buffers for the next read (a step reads the same few each time). */
+  /** Keeps the buffer for the next read while the kept ones stay under the cap. */
   #returnStaging(buffer: GPUBuffer): void {
-    if (buffer.size > MAX_KEPT_STAGING_BYTES) {
+    if (this.#keptStagingBytes + buffer.size > MAX_KEPT_STAGING_BYTES) {
       buffer.destroy();
       return;
     }
+    this.#keptStagingBytes += buffer.size;
     buffer.unmap();
     let list = this.#staging.get(buffer.size);
     if (!list) this.#staging.set(buffer.size, list = []);

@@ -175,3 +175,21 @@ Deno.test("a repeated dispatch reuses its bind group; other buffers or params sl
   assert.equal(created(), again, "same pipeline, slot and buffers: cached");
   for (const t of [x, y, sum]) t.destroy();
 });
+
+Deno.test("readback staging is kept for small reads and not for one past the cap", async () => {
+  const gpu = await testGpu();
+  const small = gpu.upload(new Float32Array([1, 2, 3]), [3], "f32");
+  const large = gpu.zeros([5 << 20], "f32"); // 20 MiB, over the 16 MiB kept
+  const createdBy = async (t: typeof small) => {
+    const before = gpu.stats.buffersCreated;
+    await gpu.read(t);
+    return gpu.stats.buffersCreated - before;
+  };
+  await createdBy(small);
+  assert.equal(await createdBy(small), 0, "the small read's staging buffer is reused");
+  assert.equal(await createdBy(large), 1);
+  assert.equal(await createdBy(large), 1, "the large one is made for each read");
+  assert.deepEqual(await gpu.read(small), new Float32Array([1, 2, 3]));
+  small.destroy();
+  large.destroy();
+});
