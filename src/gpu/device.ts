@@ -17,7 +17,10 @@ export interface GpuOptions {
   disable?: Array<keyof GpuFeatures>;
   /** Which adapter to ask WebGPU for; default `high-performance` (the discrete GPU on laptops). */
   powerPreference?: GPUPowerPreference;
-  /** Bytes of freed buffers kept for reuse (default 512 MiB); beyond it they are destroyed. */
+  /**
+   * Bytes of freed buffers kept for reuse across submissions (default 512 MiB); beyond it they
+   * are destroyed after each submission.
+   */
   maxPooledBytes?: number;
 }
 
@@ -350,7 +353,7 @@ export class Gpu {
     }
     this.device.queue.submit([this.#encoder.finish()]);
     this.#pendingWriteBytes = 0;
-    this.#pool.destroyRetired();
+    this.#pool.trim();
     this.#submitCount++;
     this.#encoder = null;
     this.#recorded = 0;

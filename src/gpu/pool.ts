@@ -1,5 +1,5 @@
 const USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
-/** Default for the bytes of freed buffers kept for reuse; beyond it they are destroyed. */
+/** Default for the bytes of freed buffers kept for reuse across submissions (`BufferPool.trim`). */
 export const DEFAULT_MAX_POOLED_BYTES = 512 * 1024 * 1024;
 
 const MIB = 1 << 20;
@@ -33,8 +33,6 @@ export class BufferPool {
   #pooledBytes = 0;
   #liveBytes = 0;
   #created = 0;
-  /** Released past the cap: destroyed after the next submission, since recorded work may use them. */
-  #retired: GPUBuffer[] = [];
 
   readonly #maxPooledBytes: number;
 
@@ -72,10 +70,6 @@ export class BufferPool {
   release(buffer: GPUBuffer): void {
     const size = buffer.size;
     this.#liveBytes -= size;
-    if (this.#pooledBytes + size > this.#maxPooledBytes) {
-      this.#retired.push(buffer);
-      return;
-    }
     let list = this.#free.get(size);
     if (!list) this.#free.set(size, list = []);
     const age = this.#age.get(buffer)!;
@@ -85,14 +79,27 @@ export class BufferPool {
     this.#pooledBytes += size;
   }
 
-  /** Call after submitting: work already submitted keeps a destroyed buffer alive until done. */
-  destroyRetired(): void {
-    for (const b of this.#retired) b.destroy();
-    this.#retired = [];
+  /**
+   * Destroys free buffers, newest first, until the pool holds at most its cap. Called after a
+   * submission (work already submitted keeps a destroyed buffer alive until done): within one
+   * recorded pass freed buffers are kept whatever their bytes, since the pass usually takes
+   * them again (a training step frees its forward's temporaries before its backward needs as
+   * many), and destroying them would mean creating them anew each step.
+   */
+  trim(): void {
+    if (this.#pooledBytes <= this.#maxPooledBytes) return;
+    const newestFirst = [...this.#free.values()].flat()
+      .sort((a, b) => this.#age.get(b)! - this.#age.get(a)!);
+    for (const buffer of newestFirst) {
+      if (this.#pooledBytes <= this.#maxPooledBytes) break;
+      const list = this.#free.get(buffer.size)!;
+      list.splice(list.indexOf(buffer), 1);
+      this.#pooledBytes -= buffer.size;
+      buffer.destroy();
+    }
   }
 
   destroy(): void {
-    this.destroyRetired();
     for (const list of this.#free.values()) for (const b of list) b.destroy();
     this.#free.clear();
     this.#pooledBytes = 0;
