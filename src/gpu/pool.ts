@@ -30,6 +30,9 @@ export class BufferPool {
   /** Free buffers per size class, newest first, so `pop` gives the oldest. */
   readonly #free = new Map<number, GPUBuffer[]>();
   readonly #age = new WeakMap<GPUBuffer, number>();
+  /** When each free buffer was released (a release counter), for trimming the stalest. */
+  readonly #releasedAt = new WeakMap<GPUBuffer, number>();
+  #releases = 0;
   #pooledBytes = 0;
   #liveBytes = 0;
   #created = 0;
@@ -76,21 +79,23 @@ export class BufferPool {
     let at = list.length;
     while (at > 0 && this.#age.get(list[at - 1])! < age) at--;
     list.splice(at, 0, buffer);
+    this.#releasedAt.set(buffer, this.#releases++);
     this.#pooledBytes += size;
   }
 
   /**
-   * Destroys free buffers, newest first, until the pool holds at most its cap. Called after a
-   * submission (work already submitted keeps a destroyed buffer alive until done): within one
-   * recorded pass freed buffers are kept whatever their bytes, since the pass usually takes
-   * them again (a training step frees its forward's temporaries before its backward needs as
-   * many), and destroying them would mean creating them anew each step.
+   * Destroys free buffers, the longest unused first, until the pool holds at most its cap.
+   * Called after a submission (work already submitted keeps a destroyed buffer alive until
+   * done): within one recorded pass freed buffers are kept whatever their bytes, since the pass
+   * usually takes them again (a training step frees its forward's temporaries before its
+   * backward needs as many), and destroying them would mean creating them anew each step;
+   * what an earlier job left (another model's buffers) goes first.
    */
   trim(): void {
     if (this.#pooledBytes <= this.#maxPooledBytes) return;
-    const newestFirst = [...this.#free.values()].flat()
-      .sort((a, b) => this.#age.get(b)! - this.#age.get(a)!);
-    for (const buffer of newestFirst) {
+    const stalestFirst = [...this.#free.values()].flat()
+      .sort((a, b) => this.#releasedAt.get(a)! - this.#releasedAt.get(b)!);
+    for (const buffer of stalestFirst) {
       if (this.#pooledBytes <= this.#maxPooledBytes) break;
       const list = this.#free.get(buffer.size)!;
       list.splice(list.indexOf(buffer), 1);

@@ -125,11 +125,10 @@ Deno.test("a buffer freed past the pool's cap outlives the recorded work that re
   }
 });
 
-Deno.test("buffers freed past the pool's cap are kept until the next submission, then the newest go", async () => {
+Deno.test("buffers freed past the pool's cap are kept until the next submission, then the stalest go", async () => {
   const gpu = await Gpu.create({ maxPooledBytes: 4096 });
   try {
     const [a, b] = [gpu.empty([1024], "f32", "a"), gpu.empty([1024], "f32", "b")];
-    const oldest = a.buffer;
     const created = gpu.stats.buffersCreated;
     a.destroy();
     b.destroy();
@@ -137,12 +136,13 @@ Deno.test("buffers freed past the pool's cap are kept until the next submission,
     const c = gpu.zeros([1024], "f32", "c");
     const d = gpu.zeros([1024], "f32", "d");
     assert.equal(gpu.stats.buffersCreated, created, "and reused");
-    c.destroy();
+    const lastFreed = c.buffer;
     d.destroy();
+    c.destroy();
     await gpu.sync();
     assert.equal(gpu.stats.pooledBytes, 4096, "trimmed to the cap after the submission");
     const e = gpu.empty([1024], "f32", "e");
-    assert.equal(e.buffer, oldest, "the oldest stayed");
+    assert.equal(e.buffer, lastFreed, "the one freed last stayed");
     e.destroy();
   } finally {
     gpu.destroy();
