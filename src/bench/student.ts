@@ -23,7 +23,7 @@ import { destroyResampler, initResampler } from "../models/resampler_weights.ts"
 import { RESAMPLER_DEFAULTS } from "../models/resampler_config.ts";
 import { Rng } from "../util/rng.ts";
 import { DistillStep, type MicroBatch } from "../train/step.ts";
-import type { Gpu } from "../gpu/device.ts";
+import type { Gpu, GpuStats } from "../gpu/device.ts";
 import type { Bench, BenchResult } from "./harness.ts";
 import { maxRssBytes, PeakMemory } from "./scale_report.ts";
 
@@ -152,7 +152,7 @@ function row(
   peak: PeakMemory,
   name: string,
   seconds: number[],
-  counters: { dispatches: number; submits: number },
+  counters: CallCounters,
   torchSeconds: number | undefined,
 ): BenchResult {
   const sorted = [...seconds].sort((a, b) => a - b);
@@ -166,20 +166,32 @@ function row(
     tokensPerSecond: STUDENT_BENCH_TOKENS / s,
     dispatches: counters.dispatches,
     submits: counters.submits,
+    readbacks: counters.readbacks,
+    bindGroupsCreated: counters.bindGroupsCreated,
+    buffersCreated: counters.buffersCreated,
     peakRssBytes: peak.rss,
     peakGpuPoolBytes: peak.gpuPool,
     ...(torchSeconds === undefined ? {} : { torchSeconds, vsTorch: s / torchSeconds }),
   };
 }
 
-/** Dispatches and submits one call of `run` records. */
-async function countCalls(gpu: Gpu, run: () => Promise<void>) {
+type CallCounters = Pick<
+  GpuStats,
+  "dispatches" | "submits" | "readbacks" | "bindGroupsCreated" | "buffersCreated"
+>;
+
+/** Dispatches, submits, readbacks, bind groups and buffers created in one call of `run`. */
+async function countCalls(gpu: Gpu, run: () => Promise<void>): Promise<CallCounters> {
   const before = gpu.stats;
   await run();
   const after = gpu.stats;
+  const delta = (key: keyof CallCounters) => after[key] - before[key];
   return {
-    dispatches: after.dispatches - before.dispatches,
-    submits: after.submits - before.submits,
+    dispatches: delta("dispatches"),
+    submits: delta("submits"),
+    readbacks: delta("readbacks"),
+    bindGroupsCreated: delta("bindGroupsCreated"),
+    buffersCreated: delta("buffersCreated"),
   };
 }
 

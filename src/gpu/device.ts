@@ -1,5 +1,5 @@
 import { type DType, dtypeBytes, numel, paddedByteLength, Tensor } from "./tensor.ts";
-import { BufferPool } from "./pool.ts";
+import { BufferPool, sizeClass } from "./pool.ts";
 import { type Markers, sameMarkers, specialise } from "./shader.ts";
 
 /** Optional adapter features the kernels can use; every code path also works without each. */
@@ -18,7 +18,10 @@ export interface GpuOptions {
   disable?: Array<keyof GpuFeatures>;
   /** Which adapter to ask WebGPU for; default `high-performance` (the discrete GPU on laptops). */
   powerPreference?: GPUPowerPreference;
-  /** Bytes of freed buffers kept for reuse (default 512 MiB); beyond it they are destroyed. */
+  /**
+   * Bytes of freed buffers kept for reuse across submissions (default 512 MiB); beyond it they
+   * are destroyed after each submission.
+   */
   maxPooledBytes?: number;
 }
 
@@ -50,6 +53,17 @@ export const f32 = (value: number): F32Param => new F32Param(value);
 /** One uniform parameter of a dispatch: an integer (u32, or i32 when negative) or an `f32(...)`. */
 export type ParamValue = number | F32Param;
 
+/** What `Gpu.stats` counts. */
+export interface GpuStats {
+  dispatches: number;
+  submits: number;
+  readbacks: number;
+  bindGroupsCreated: number;
+  buffersCreated: number;
+  pooledBytes: number;
+  liveBytes: number;
+}
+
 /** One kernel launch as `Gpu.dispatch` records it. */
 export interface Dispatch {
   /** The kernel to run. */
@@ -80,6 +94,16 @@ const UNIFORM_RING_BYTES = 1 << 20;
 /** Host writes queued past this are submitted, so wgpu's staging copies do not pile up. */
 const MAX_PENDING_WRITE_BYTES = 64 << 20;
 const MAX_PARAM_BYTES = 256;
+/**
+ * Readback staging buffers are kept for the next read (a step reads the same losses and norms)
+ * up to this many bytes in all; larger or further ones are destroyed after the read.
+ */
+const MAX_KEPT_STAGING_BYTES = 16 << 20;
+/**
+ * Bind groups kept for reuse; past it the cache starts over. A training step records about a
+ * thousand distinct ones, the same each step.
+ */
+const MAX_CACHED_BIND_GROUPS = 8192;
 
 const NO_ADAPTER_HELP = "no WebGPU adapter found. On Linux without a GPU install Mesa's CPU " +
   "drivers (Debian/Ubuntu: `apt-get install mesa-vulkan-drivers`, which provides lavapipe); " +
@@ -101,8 +125,12 @@ export class Gpu {
   readonly #pool: BufferPool;
   readonly #pipelines = new Map<
     string,
-    { code: string; markers?: Markers; pipeline: GPUComputePipeline }
+    { code: string; markers?: Markers; pipeline: GPUComputePipeline; id: number }
   >();
+  /** Bind groups by pipeline, uniform offset and bound ranges: steps repeat the same ones. */
+  readonly #bindGroups = new Map<string, GPUBindGroup>();
+  readonly #bufferIds = new WeakMap<GPUBuffer, number>();
+  readonly #staging = new Map<number, GPUBuffer[]>();
   readonly #uniforms: GPUBuffer;
   readonly #uniformStage = new ArrayBuffer(UNIFORM_RING_BYTES);
   readonly #uniformStride: number;
@@ -114,6 +142,11 @@ export class Gpu {
   #lost: string | null = null;
   #dispatchCount = 0;
   #submitCount = 0;
+  #readbackCount = 0;
+  #bindGroupCount = 0;
+  #stagingCreated = 0;
+  #keptStagingBytes = 0;
+  #nextBufferId = 0;
   #pendingWriteBytes = 0;
 
   private constructor(
@@ -178,13 +211,17 @@ export class Gpu {
   }
 
   /**
-   * Counters for benchmarks and leak checks: dispatches and submits so far, bytes idle in the
-   * buffer pool and bytes held by live tensors.
+   * Counters for benchmarks and leak checks: dispatches, submits, readbacks (waits for the
+   * GPU), bind groups and buffers (storage and readback staging) created so far, bytes idle in
+   * the buffer pool and bytes held by live tensors.
    */
-  get stats(): { dispatches: number; submits: number; pooledBytes: number; liveBytes: number } {
+  get stats(): GpuStats {
     return {
       dispatches: this.#dispatchCount,
       submits: this.#submitCount,
+      readbacks: this.#readbackCount,
+      bindGroupsCreated: this.#bindGroupCount,
+      buffersCreated: this.#pool.createdCount + this.#stagingCreated,
       pooledBytes: this.#pool.pooledBytes,
       liveBytes: this.#pool.liveBytes,
     };
@@ -261,27 +298,33 @@ export class Gpu {
 
   /** Records one compute dispatch; nothing runs until `flush()` or a read. */
   dispatch(d: Dispatch): void {
-    const pipeline = this.#pipeline(d.kernel);
+    const { pipeline, id } = this.#pipeline(d.kernel);
     const entries: GPUBindGroupEntry[] = [];
+    let key = String(id);
     let binding = 0;
     if (d.params) {
+      const offset = this.#writeParams(d.params);
       entries.push({
         binding: binding++,
-        resource: {
-          buffer: this.#uniforms,
-          offset: this.#writeParams(d.params),
-          size: MAX_PARAM_BYTES,
-        },
+        resource: { buffer: this.#uniforms, offset, size: MAX_PARAM_BYTES },
       });
+      key += `|u${offset}`;
     }
     for (const b of d.bindings) {
-      if (b) entries.push({ binding, resource: b instanceof Tensor ? b.binding() : b });
+      if (b) {
+        const range = b instanceof Tensor ? b.binding() : b;
+        entries.push({ binding, resource: range });
+        key += `|${binding}:${this.#bufferId(range.buffer)}:${range.offset ?? 0}:${range.size}`;
+      }
       binding++;
     }
-    const bindGroup = this.device.createBindGroup({
-      layout: pipeline.getBindGroupLayout(0),
-      entries,
-    });
+    let bindGroup = this.#bindGroups.get(key);
+    if (!bindGroup) {
+      if (this.#bindGroups.size >= MAX_CACHED_BIND_GROUPS) this.#bindGroups.clear();
+      bindGroup = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
+      this.#bindGroups.set(key, bindGroup);
+      this.#bindGroupCount++;
+    }
     const pass = this.#computePass();
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, bindGroup);
@@ -317,7 +360,7 @@ export class Gpu {
     }
     this.device.queue.submit([this.#encoder.finish()]);
     this.#pendingWriteBytes = 0;
-    this.#pool.destroyRetired();
+    this.#pool.trim();
     this.#submitCount++;
     this.#encoder = null;
     this.#recorded = 0;
@@ -335,22 +378,49 @@ export class Gpu {
   async readAll(tensors: readonly Tensor[]): Promise<HostArray[]> {
     this.#endPass();
     const staging = tensors.map((t) => {
-      const buffer = this.device.createBuffer({
-        label: `read:${t.name}`,
-        size: t.byteLength,
-        usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
-      });
+      const buffer = this.#stagingBuffer(t);
       this.#commandEncoder().copyBufferToBuffer(t.buffer, 0, buffer, 0, t.byteLength);
       return buffer;
     });
     this.flush();
-    await Promise.all(staging.map((b) => b.mapAsync(GPUMapMode.READ)));
+    this.#readbackCount++;
+    await Promise.all(staging.map((b) => b.mapAsync(GPUMapMode.READ, 0, b.size)));
     this.#throwIfBroken();
     return tensors.map((t, i) => {
-      const bytes = staging[i].getMappedRange().slice(0, t.size * dtypeBytes(t.dtype));
-      staging[i].destroy();
+      const buffer = staging[i];
+      const bytes = buffer.getMappedRange(0, buffer.size).slice(0, t.size * dtypeBytes(t.dtype));
+      this.#returnStaging(buffer);
       return hostView(bytes, t.dtype);
     });
+  }
+
+  /** A mappable buffer to copy `t` into: a kept one of its size class when there is one. */
+  #stagingBuffer(t: Tensor): GPUBuffer {
+    const size = sizeClass(t.byteLength);
+    const kept = this.#staging.get(size)?.pop();
+    if (kept) {
+      this.#keptStagingBytes -= size;
+      return kept;
+    }
+    this.#stagingCreated++;
+    return this.device.createBuffer({
+      label: `read:${t.name}`,
+      size,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+  }
+
+  /** Keeps the buffer for the next read while the kept ones stay under the cap. */
+  #returnStaging(buffer: GPUBuffer): void {
+    if (this.#keptStagingBytes + buffer.size > MAX_KEPT_STAGING_BYTES) {
+      buffer.destroy();
+      return;
+    }
+    this.#keptStagingBytes += buffer.size;
+    buffer.unmap();
+    let list = this.#staging.get(buffer.size);
+    if (!list) this.#staging.set(buffer.size, list = []);
+    list.push(buffer);
   }
 
   /** Downloads one tensor (submitting recorded work first); the array type follows its dtype. */
@@ -368,6 +438,9 @@ export class Gpu {
   destroy(): void {
     this.#pool.destroy();
     this.#uniforms.destroy();
+    for (const list of this.#staging.values()) for (const b of list) b.destroy();
+    this.#staging.clear();
+    this.#bindGroups.clear();
     this.#pipelines.clear();
     this.device.destroy();
   }
@@ -380,7 +453,7 @@ export class Gpu {
     }
   }
 
-  #pipeline(kernel: Kernel): GPUComputePipeline {
+  #pipeline(kernel: Kernel): { pipeline: GPUComputePipeline; id: number } {
     const entry = kernel.entry ?? "main";
     const key = `${kernel.name}|${entry}|${JSON.stringify(kernel.constants ?? {})}`;
     const cached = this.#pipelines.get(key);
@@ -388,7 +461,7 @@ export class Gpu {
       if (cached.code !== kernel.code || !sameMarkers(cached.markers, kernel.markers)) {
         throw new Error(`kernel name '${kernel.name}' is used for two different WGSL sources`);
       }
-      return cached.pipeline;
+      return cached;
     }
     const code = specialise(kernel.name, kernel.code, kernel.markers);
     const module = this.device.createShaderModule({ label: kernel.name, code });
@@ -397,8 +470,21 @@ export class Gpu {
       layout: "auto",
       compute: { module, entryPoint: entry, constants: kernel.constants },
     });
-    this.#pipelines.set(key, { code: kernel.code, markers: kernel.markers, pipeline });
-    return pipeline;
+    const compiled = {
+      code: kernel.code,
+      markers: kernel.markers,
+      pipeline,
+      id: this.#pipelines.size,
+    };
+    this.#pipelines.set(key, compiled);
+    return compiled;
+  }
+
+  /** A number per buffer for bind group keys (a buffer object is never reused for another). */
+  #bufferId(buffer: GPUBuffer): number {
+    let id = this.#bufferIds.get(buffer);
+    if (id === undefined) this.#bufferIds.set(buffer, id = this.#nextBufferId++);
+    return id;
   }
 
   #writeParams(params: readonly ParamValue[]): number {

@@ -1,5 +1,5 @@
 const USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
-/** Default for the bytes of freed buffers kept for reuse; beyond it they are destroyed. */
+/** Default for the bytes of freed buffers kept for reuse across submissions (`BufferPool.trim`). */
 export const DEFAULT_MAX_POOLED_BYTES = 512 * 1024 * 1024;
 
 const MIB = 1 << 20;
@@ -20,14 +20,22 @@ export function sizeClass(bytes: number): number {
  * Storage buffers by size class. A released buffer may be handed out again before the
  * GPU has run the work that reads it: that is safe because dispatches in one queue run
  * in order, and host writes (`Gpu.write`) submit pending work first.
+ *
+ * Of the free buffers of a class the oldest is handed out first, so a loop that frees all it
+ * takes gets the same buffers in the same places every time: a training step then records
+ * the same bind groups each step (the `Gpu` caches them) instead of a reshuffled set.
  */
 export class BufferPool {
   readonly #device: GPUDevice;
+  /** Free buffers per size class, newest first, so `pop` gives the oldest. */
   readonly #free = new Map<number, GPUBuffer[]>();
+  readonly #age = new WeakMap<GPUBuffer, number>();
+  /** When each free buffer was released (a release counter), for trimming the stalest. */
+  readonly #releasedAt = new WeakMap<GPUBuffer, number>();
+  #releases = 0;
   #pooledBytes = 0;
   #liveBytes = 0;
-  /** Released past the cap: destroyed after the next submission, since recorded work may use them. */
-  #retired: GPUBuffer[] = [];
+  #created = 0;
 
   readonly #maxPooledBytes: number;
 
@@ -44,6 +52,11 @@ export class BufferPool {
     return this.#liveBytes;
   }
 
+  /** Buffers created so far: flat once a loop that allocates and frees reuses what it freed. */
+  get createdCount(): number {
+    return this.#created;
+  }
+
   acquire(bytes: number, label: string): GPUBuffer {
     const size = sizeClass(bytes);
     const reused = this.#free.get(size)?.pop();
@@ -52,30 +65,46 @@ export class BufferPool {
       this.#pooledBytes -= size;
       return reused;
     }
-    return this.#device.createBuffer({ label, size, usage: USAGE });
+    const buffer = this.#device.createBuffer({ label, size, usage: USAGE });
+    this.#age.set(buffer, this.#created++);
+    return buffer;
   }
 
   release(buffer: GPUBuffer): void {
     const size = buffer.size;
     this.#liveBytes -= size;
-    if (this.#pooledBytes + size > this.#maxPooledBytes) {
-      this.#retired.push(buffer);
-      return;
-    }
     let list = this.#free.get(size);
     if (!list) this.#free.set(size, list = []);
-    list.push(buffer);
+    const age = this.#age.get(buffer)!;
+    let at = list.length;
+    while (at > 0 && this.#age.get(list[at - 1])! < age) at--;
+    list.splice(at, 0, buffer);
+    this.#releasedAt.set(buffer, this.#releases++);
     this.#pooledBytes += size;
   }
 
-  /** Call after submitting: work already submitted keeps a destroyed buffer alive until done. */
-  destroyRetired(): void {
-    for (const b of this.#retired) b.destroy();
-    this.#retired = [];
+  /**
+   * Destroys free buffers, the longest unused first, until the pool holds at most its cap.
+   * Called after a submission (work already submitted keeps a destroyed buffer alive until
+   * done): within one recorded pass freed buffers are kept whatever their bytes, since the pass
+   * usually takes them again (a training step frees its forward's temporaries before its
+   * backward needs as many), and destroying them would mean creating them anew each step;
+   * what an earlier job left (another model's buffers) goes first.
+   */
+  trim(): void {
+    if (this.#pooledBytes <= this.#maxPooledBytes) return;
+    const stalestFirst = [...this.#free.values()].flat()
+      .sort((a, b) => this.#releasedAt.get(a)! - this.#releasedAt.get(b)!);
+    for (const buffer of stalestFirst) {
+      if (this.#pooledBytes <= this.#maxPooledBytes) break;
+      const list = this.#free.get(buffer.size)!;
+      list.splice(list.indexOf(buffer), 1);
+      this.#pooledBytes -= buffer.size;
+      buffer.destroy();
+    }
   }
 
   destroy(): void {
-    this.destroyRetired();
     for (const list of this.#free.values()) for (const b of list) b.destroy();
     this.#free.clear();
     this.#pooledBytes = 0;

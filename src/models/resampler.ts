@@ -115,20 +115,16 @@ function repeatForBatch(gpu: Gpu, param: Tensor, rows: number, batch: number): T
 }
 
 /**
- * Gradient of a parameter [R, n] whose first `rows` rows were repeated over the batch: the sum
- * over batch rows of dy [B, rows, n], zero in the rows past `rows`.
+ * Adds to `grad` [R, n] the gradient of a parameter whose first `rows` rows were repeated over
+ * the batch: the sum over batch rows of dy [B, rows, n]; the rows past `rows` get nothing.
  */
-function repeatForBatchBackward(gpu: Gpu, dy: Tensor, param: Tensor): Tensor {
+function repeatForBatchBackward(gpu: Gpu, dy: Tensor, grad: Tensor): void {
   const [batch, rows, width] = dy.shape;
-  const name = `grad.${param.name}`;
-  if (rows === param.shape[0]) {
-    return columnSum(gpu, dy.reshape([batch, rows * width]), gpu.empty(param.shape, "f32", name));
-  }
-  const grad = gpu.zeros(param.shape, "f32", name);
   const sum = columnSum(gpu, dy.reshape([batch, rows * width]));
-  gpu.copy(sum, 0, grad, 0, sum.byteLength);
+  // A view of grad's first rows: same buffer, a shorter binding from offset 0.
+  const head = new Tensor(gpu, grad.buffer, sum.shape, "f32", grad.name, false);
+  addInPlace(gpu, head, sum);
   sum.destroy();
-  return grad;
 }
 
 /** A view of t as [rows, last axis], the 2-D operand a weight gradient needs. */
@@ -294,16 +290,19 @@ export function resamplerForward(
   return { seq, pooled };
 }
 
-export interface ResamplerGrads {
-  /** d loss / d parameter for every parameter, by the parameters' names. */
-  grads: Map<string, Tensor>;
-  /** d loss / d hidden [B, T, dim_in]; zero at padded positions. */
-  dHidden: Tensor;
+/** Zeroed f32 gradient buffers for every resampler parameter, by the parameters' names. */
+export function zeroResamplerGrads(gpu: Gpu, w: ResamplerWeights): Map<string, Tensor> {
+  return new Map(
+    [...w.params].map(([name, p]) => [name, gpu.zeros(p.shape, "f32", `grad.${name}`)]),
+  );
 }
 
 /**
  * Backward of `resamplerForwardTrain` from dSeq [B, Q, dim_seq] and dPooled [B, dim_pooled]
- * (the loss gradients). The activations are only read: free them afterwards.
+ * (the loss gradients): adds d loss / d parameter into `grads` (one f32 buffer per parameter,
+ * by name, e.g. from `zeroResamplerGrads`; the weight gradients accumulate in place, so
+ * micro-batches add up without temporaries) and returns d loss / d hidden [B, T, dim_in]
+ * (zero at padded positions). The activations are only read: free them afterwards.
  */
 export function resamplerBackward(
   gpu: Gpu,
@@ -311,7 +310,8 @@ export function resamplerBackward(
   acts: ResamplerActivations,
   dSeq: Tensor,
   dPooled: Tensor,
-): ResamplerGrads {
+  grads: ReadonlyMap<string, Tensor>,
+): Tensor {
   const c = w.config;
   const op = "resamplerBackward";
   const { batch, seqLen } = acts;
@@ -327,16 +327,28 @@ export function resamplerBackward(
       `${op}: the activations hold ${acts.blocks.length} blocks, not ${c.depth}: pass those of resamplerForwardTrain`,
     );
   }
-  const grads = new Map<string, Tensor>();
-  /** dW = dYᵀ X for a Linear y = x Wᵀ, over all rows. */
+  for (const [name, p] of w.params) {
+    const g = grads.get(name);
+    if (!g) throw new Error(`${op}: no gradient buffer for parameter '${name}'`);
+    expect(`gradient of '${name}'`, g, [...p.shape]);
+  }
+  const grad = (name: string) => grads.get(name)!;
+  /** Adds a freshly computed gradient vector (a bias, a norm weight) into its buffer. */
+  const addGrad = (name: string, t: Tensor) => {
+    addInPlace(gpu, grad(name), t);
+    t.destroy();
+  };
+  /** dW += dYᵀ X for a Linear y = x Wᵀ, over all rows. */
   const weightGrad = (name: string, dy: Tensor, input: Tensor) =>
-    grads.set(
-      name,
-      matmul(gpu, rows2d(dy), rows2d(input), { transposeX: true, transposeW: false }),
-    );
+    matmul(gpu, rows2d(dy), rows2d(input), {
+      transposeX: true,
+      transposeW: false,
+      out: grad(name),
+      accumulate: true,
+    });
   const inputGrad = (dy: Tensor, name: string) =>
     matmul(gpu, dy, resamplerParam(w, name), { transposeW: false });
-  /** Backward of the LayerNorm `name` from its forward statistics; records its grads, gives dx. */
+  /** Backward of the LayerNorm `name` from its forward statistics; adds its grads, gives dx. */
   const normBackward = (
     name: string,
     dy: Tensor,
@@ -346,20 +358,18 @@ export function resamplerBackward(
   ) => {
     const weight = resamplerParam(w, `${name}.weight`);
     const g = layerNormBackward(gpu, dy, x, weight, stats.mean, stats.rstd, options);
-    grads.set(`${name}.weight`, g.dweight!);
-    grads.set(`${name}.bias`, g.dbias!);
+    addGrad(`${name}.weight`, g.dweight!);
+    addGrad(`${name}.bias`, g.dbias!);
     return g.dx;
   };
 
   // Heads: seq = proj_out(latents), pooled = proj_pooled(norm_pool(mean_q(latents))).
   weightGrad("proj_out.weight", dSeq, acts.latentsOut);
-  grads.set("proj_out.bias", columnSum(gpu, dSeq));
-  if (c.seqBias) {
-    grads.set("seq_bias", repeatForBatchBackward(gpu, dSeq, resamplerParam(w, "seq_bias")));
-  }
+  addGrad("proj_out.bias", columnSum(gpu, dSeq));
+  if (c.seqBias) repeatForBatchBackward(gpu, dSeq, grad("seq_bias"));
   const dLatents = inputGrad(dSeq, "proj_out.weight");
   weightGrad("proj_pooled.weight", dPooled, acts.normPool.y);
-  grads.set("proj_pooled.bias", columnSum(gpu, dPooled));
+  addGrad("proj_pooled.bias", columnSum(gpu, dPooled));
   const dNormPool = inputGrad(dPooled, "proj_pooled.weight");
   const dPooledMean = normBackward("norm_pool", dNormPool, acts.pooledMean, acts.normPool);
   const dFromMean = meanOverSequenceBackward(gpu, dPooledMean, c.numQueries);
@@ -407,17 +417,13 @@ export function resamplerBackward(
   }
 
   // The latents parameter is shared by every batch row: its gradient is the sum over rows.
-  grads.set("latents", repeatForBatchBackward(gpu, dLatents, resamplerParam(w, "latents")));
+  repeatForBatchBackward(gpu, dLatents, grad("latents"));
   dLatents.destroy();
   const dx = dX!;
-  if (c.numPositions > 0) {
-    grads.set("pos_emb", repeatForBatchBackward(gpu, dx, resamplerParam(w, "pos_emb")));
-  }
+  if (c.numPositions > 0) repeatForBatchBackward(gpu, dx, grad("pos_emb"));
   weightGrad("proj_in.weight", dx, acts.hidden);
-  grads.set("proj_in.bias", columnSum(gpu, dx));
+  addGrad("proj_in.bias", columnSum(gpu, dx));
   const dHidden = inputGrad(dx, "proj_in.weight");
   dx.destroy();
-  // Same order as the parameters, so callers can walk both maps together.
-  const ordered = new Map([...w.params.keys()].map((key) => [key, grads.get(key)!]));
-  return { grads: ordered, dHidden };
+  return dHidden;
 }

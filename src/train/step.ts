@@ -19,9 +19,9 @@ import {
   resamplerBackward,
   resamplerForward,
   resamplerForwardTrain,
+  zeroResamplerGrads,
 } from "../models/resampler.ts";
 import type { ResamplerWeights } from "../models/resampler_weights.ts";
-import { addInPlace } from "../ops/elementwise.ts";
 import { AdamW, clipCoefficient, mseLoss, recordGradNorms } from "./optim.ts";
 
 /** The trainable student: a frozen Qwen3 with LoRA, and the resampler on top. */
@@ -80,7 +80,7 @@ export class DistillStep {
   readonly optimizer: AdamW;
   readonly settings: OptimizerSettings;
   readonly loraGrads: LoraGrads = new Map();
-  readonly resamplerGrads = new Map<string, Tensor>();
+  readonly resamplerGrads: ReadonlyMap<string, Tensor>;
   readonly #checkpoint: boolean;
   readonly #gradients: Map<string, Tensor>;
   #losses: Array<{ seq: Tensor; pooled: Tensor; weight: number }> = [];
@@ -101,9 +101,7 @@ export class DistillStep {
         b: gpu.zeros(pair.b.shape, "f32", `grad.${slot}.B`),
       });
     }
-    for (const [name, p] of student.resampler.params) {
-      this.resamplerGrads.set(name, gpu.zeros(p.shape, "f32", `grad.${name}`));
-    }
+    this.resamplerGrads = zeroResamplerGrads(gpu, student.resampler);
     this.#gradients = new Map([
       ...this.resamplerGrads,
       ...loraByPeftName(student.lora, (slot, ab) => this.loraGrads.get(slot)![ab]),
@@ -136,6 +134,10 @@ export class DistillStep {
     const { qwen, lora, resampler } = student;
     const { batch, seqLen } = micro.tokens;
     const c = resampler.config;
+    // Host data goes up before any work is recorded: an upload submits what is recorded, so
+    // uploading here adds no submission (the forward's own uploads then find nothing to send).
+    const tSeq = gpu.upload(micro.targetSeq, [batch, c.numQueries, c.dimSeq], "f32", "target_seq");
+    const tPooled = gpu.upload(micro.targetPooled, [batch, c.dimPooled], "f32", "target_pooled");
     const { hidden, state } = qwen3ForwardTrain(gpu, qwen, micro.tokens, {
       lora,
       train: { dropoutSeed },
@@ -148,26 +150,21 @@ export class DistillStep {
       hidden3,
       state.ctx.keyLengths,
     );
-    const tSeq = gpu.upload(micro.targetSeq, [batch, c.numQueries, c.dimSeq], "f32", "target_seq");
-    const tPooled = gpu.upload(micro.targetPooled, [batch, c.dimPooled], "f32", "target_pooled");
     const lossSeq = mseLoss(gpu, seq, tSeq, { lossScale });
     const lossPooled = mseLoss(gpu, pooled, tPooled, { lossScale });
     for (const t of [seq, pooled, tSeq, tPooled]) t.destroy();
-    const { grads, dHidden } = resamplerBackward(
+    const dHidden = resamplerBackward(
       gpu,
       resampler,
       acts,
       lossSeq.grad,
       lossPooled.grad,
+      this.resamplerGrads,
     );
     lossSeq.grad.destroy();
     lossPooled.grad.destroy();
     destroyResamplerActivations(acts);
     hidden.destroy();
-    for (const [name, g] of grads) {
-      addInPlace(gpu, this.resamplerGrads.get(name)!, g);
-      g.destroy();
-    }
     qwen3Backward(
       gpu,
       qwen,
@@ -218,6 +215,8 @@ export class DistillStep {
     const clipCoef = clipCoefficient(totalNorm, this.settings.maxGradNorm);
     this.optimizer.step(this.#gradients, { clipCoef, lrFactor });
     for (const g of this.#gradients.values()) this.gpu.clear(g);
+    // Submitted now, so the update runs while the host reads and tokenizes the next batch.
+    this.gpu.flush();
     return clipCoef;
   }
 

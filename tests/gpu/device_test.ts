@@ -125,6 +125,30 @@ Deno.test("a buffer freed past the pool's cap outlives the recorded work that re
   }
 });
 
+Deno.test("buffers freed past the pool's cap are kept until the next submission, then the stalest go", async () => {
+  const gpu = await Gpu.create({ maxPooledBytes: 4096 });
+  try {
+    const [a, b] = [gpu.empty([1024], "f32", "a"), gpu.empty([1024], "f32", "b")];
+    const created = gpu.stats.buffersCreated;
+    a.destroy();
+    b.destroy();
+    assert.equal(gpu.stats.pooledBytes, 8192, "both kept within the pass");
+    const c = gpu.zeros([1024], "f32", "c");
+    const d = gpu.zeros([1024], "f32", "d");
+    assert.equal(gpu.stats.buffersCreated, created, "and reused");
+    const lastFreed = c.buffer;
+    d.destroy();
+    c.destroy();
+    await gpu.sync();
+    assert.equal(gpu.stats.pooledBytes, 4096, "trimmed to the cap after the submission");
+    const e = gpu.empty([1024], "f32", "e");
+    assert.equal(e.buffer, lastFreed, "the one freed last stayed");
+    e.destroy();
+  } finally {
+    gpu.destroy();
+  }
+});
+
 Deno.test("many host writes without GPU work are submitted as they pile up", async () => {
   const gpu = await testGpu();
   const t = gpu.empty([1 << 20], "f32", "target");
@@ -135,4 +159,61 @@ Deno.test("many host writes without GPU work are submitted as they pile up", asy
   assert.ok(gpu.stats.submits === before, "empty submissions are not counted as work");
   assert.equal((await gpu.read(t) as Float32Array)[12345], 3);
   t.destroy();
+});
+
+Deno.test("freed buffers of a size class come back oldest first, whatever order they were freed in", async () => {
+  const gpu = await testGpu();
+  const [a, b, c] = [0, 1, 2].map((i) => gpu.empty([777], "f32", `t${i}`));
+  const buffers = [a.buffer, b.buffer, c.buffer];
+  const created = gpu.stats.buffersCreated;
+  for (const t of [b, c, a]) t.destroy();
+  const again = [0, 1, 2].map(() => gpu.empty([777], "f32"));
+  const order = again.map((t) => buffers.indexOf(t.buffer));
+  assert.ok(order.every((i) => i >= 0), "every buffer is reused");
+  assert.deepEqual(order, [...order].sort((x, y) => x - y), "in creation order");
+  assert.equal(gpu.stats.buffersCreated, created);
+  for (const t of again) t.destroy();
+});
+
+Deno.test("a repeated dispatch reuses its bind group; other buffers or params slots get their own", async () => {
+  const gpu = await testGpu();
+  const x = gpu.upload(new Float32Array([1, 2, 3]), [3], "f32");
+  const y = gpu.upload(new Float32Array([4, 5, 6]), [3], "f32");
+  const created = () => gpu.stats.bindGroupsCreated;
+  const sums = [];
+  const start = created();
+  sums.push(add(gpu, x, y)); // first use of this pipeline, ring slot 0 and buffers
+  await gpu.sync();
+  const afterFirst = created();
+  sums.push(add(gpu, x, y)); // a new output buffer (and the next params slot)
+  sums.push(add(gpu, y, x)); // and the inputs swapped
+  const results = await gpu.readAll(sums);
+  assert.deepEqual(results, Array(3).fill(new Float32Array([5, 7, 9])));
+  assert.equal(afterFirst - start, 1);
+  assert.equal(created() - afterFirst, 2, "other bindings, other slots");
+  for (const t of sums) t.destroy();
+  sums.length = 0;
+  const again = created();
+  const sum = add(gpu, x, y); // the first output's buffer again, in ring slot 0
+  assert.deepEqual(await gpu.read(sum), new Float32Array([5, 7, 9]));
+  assert.equal(created(), again, "same pipeline, slot and buffers: cached");
+  for (const t of [x, y, sum]) t.destroy();
+});
+
+Deno.test("readback staging is kept for small reads and not for one past the cap", async () => {
+  const gpu = await testGpu();
+  const small = gpu.upload(new Float32Array([1, 2, 3]), [3], "f32");
+  const large = gpu.zeros([5 << 20], "f32"); // 20 MiB, over the 16 MiB kept
+  const createdBy = async (t: typeof small) => {
+    const before = gpu.stats.buffersCreated;
+    await gpu.read(t);
+    return gpu.stats.buffersCreated - before;
+  };
+  await createdBy(small);
+  assert.equal(await createdBy(small), 0, "the small read's staging buffer is reused");
+  assert.equal(await createdBy(large), 1);
+  assert.equal(await createdBy(large), 1, "the large one is made for each read");
+  assert.deepEqual(await gpu.read(small), new Float32Array([1, 2, 3]));
+  small.destroy();
+  large.destroy();
 });

@@ -17,6 +17,7 @@ import {
   resamplerBackward,
   resamplerForward,
   resamplerForwardTrain,
+  zeroResamplerGrads,
 } from "../../src/models/resampler.ts";
 import {
   parseResamplerConfig,
@@ -139,8 +140,12 @@ async function checkBackwardByFiniteDifferences(config: ResamplerConfig): Promis
   const dSeq = gpu.upload(dSeqHost, [batch, config.numQueries, config.dimSeq], "f32", "dSeq");
   const dPooled = gpu.upload(dPooledHost, [batch, config.dimPooled], "f32", "dPooled");
   const { seq, pooled, acts } = resamplerForwardTrain(gpu, w, hidden, lengths);
-  const { grads, dHidden } = resamplerBackward(gpu, w, acts, dSeq, dPooled);
-  assert.deepEqual([...grads.keys()], [...w.params.keys()]);
+  // The gradients are added to what the buffers hold: start them at known values.
+  const startHost = new Map([...host].map(([name, v], i) => [name, randn(v.length, 300 + i)]));
+  const grads = new Map(
+    [...startHost].map(([name, v]) => [name, gpu.upload(v, w.params.get(name)!.shape, "f32")]),
+  );
+  const dHidden = resamplerBackward(gpu, w, acts, dSeq, dPooled, grads);
   const [s, p, dh, ...g] = await gpu.readAll([
     seq,
     pooled,
@@ -161,7 +166,8 @@ async function checkBackwardByFiniteDifferences(config: ResamplerConfig): Promis
       (v) => loss(new Map<string, ArrayLike<number>>([...host, [name, v]]), hiddenHost),
       host.get(name)!,
     );
-    assertNmse(fd, g[i], 1e-10, `grad ${name}`);
+    const added = g[i].map((v, j) => v - startHost.get(name)![j]);
+    assertNmse(fd, added, 1e-10, `grad ${name} (added to the buffer's start value)`);
   });
   const fdHidden = numericGrad((h) => loss(host, h), hiddenHost);
   assertNmse(fdHidden, dh, 1e-10, "dHidden");
@@ -345,10 +351,19 @@ Deno.test("resampler config and weight errors name the file, the key and the fix
       /keyLengths has 1 entries, 2 expected/,
     );
     const { seq, pooled, acts } = resamplerForwardTrain(gpu, w, good, [4, 2]);
+    const grads = zeroResamplerGrads(gpu, w);
     assert.throws(
-      () => resamplerBackward(gpu, w, acts, pooled, seq),
+      () => resamplerBackward(gpu, w, acts, pooled, seq, grads),
       /dSeq .* must be f32 \[2,3,5\]/,
     );
+    const latentsGrad = grads.get("latents")!;
+    grads.delete("latents");
+    assert.throws(
+      () => resamplerBackward(gpu, w, acts, seq, pooled, grads),
+      /no gradient buffer for parameter 'latents'/,
+    );
+    latentsGrad.destroy();
+    for (const g of grads.values()) g.destroy();
     destroyResamplerActivations(acts);
     for (const t of [hidden, good, seq, pooled]) t.destroy();
     destroyResampler(w);

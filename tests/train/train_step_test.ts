@@ -231,3 +231,32 @@ Deno.test("length bucketing does not change a step: rows reordered and padded on
     assert.ok(err <= 1e-4 * scale, `${name}: max |diff| ${err} over 1e-4 x ${scale}`);
   }
 });
+
+Deno.test("steps after the first create no buffer and no bind group, with checkpointing and accumulation; one readback and one submit per micro-batch plus the read", async () => {
+  const gpu = await testGpu();
+  const settings = { lr: { resampler: 1e-3, lora: 1e-4 }, weightDecay: 0.01, maxGradNorm: 0.5 };
+  const cases = await SafetensorsFile.open(`${FIX}train_step/cases.safetensors`);
+  const micros = [await fixtureBatch(cases, [0]), await fixtureBatch(cases, [1])];
+  cases.close();
+  const step = new DistillStep(gpu, await loadStudent(), settings, {
+    gradientCheckpointing: true,
+  });
+  const counts = [];
+  for (let i = 0; i < 3; i++) {
+    const before = gpu.stats;
+    const result = await step.step(micros, 1, i);
+    assert.ok(Number.isFinite(result.loss) && result.loss > 0, `step ${i + 1} loss ${result.loss}`);
+    const after = gpu.stats;
+    counts.push({
+      buffers: after.buffersCreated - before.buffersCreated,
+      bindGroups: after.bindGroupsCreated - before.bindGroupsCreated,
+      readbacks: after.readbacks - before.readbacks,
+      submits: after.submits - before.submits,
+    });
+  }
+  // k + 1 submissions for k micro-batches: the second's upload sends the first's work, the read
+  // the second's, and apply its AdamW update.
+  const steady = { buffers: 0, bindGroups: 0, readbacks: 1, submits: 3 };
+  assert.deepEqual(counts.slice(1), [steady, steady]);
+  step.destroy();
+});
