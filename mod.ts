@@ -46,12 +46,14 @@ export {
   Gpu,
   type GpuFeatures,
   type GpuOptions,
+  type GpuStats,
   grid1d,
   type HostArray,
   type Kernel,
   type ParamValue,
 } from "./src/gpu/device.ts";
 export { type DType, Tensor } from "./src/gpu/tensor.ts";
+export { type Markers } from "./src/gpu/shader.ts";
 export { type AdapterReport, adapterReport } from "./src/gpu/adapter_report.ts";
 
 // Encode: a trained student turns prompts into SDXL conditioning; these are its parts.

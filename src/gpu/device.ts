@@ -55,12 +55,19 @@ export type ParamValue = number | F32Param;
 
 /** What `Gpu.stats` counts. */
 export interface GpuStats {
+  /** Kernel dispatches recorded. */
   dispatches: number;
+  /** Command buffers submitted to the queue. */
   submits: number;
+  /** Buffers mapped back to the host. */
   readbacks: number;
+  /** Bind groups built (a cached one is not counted again). */
   bindGroupsCreated: number;
+  /** GPU buffers created (a pooled one handed out again is not counted). */
   buffersCreated: number;
+  /** Bytes of free buffers the pool keeps for reuse. */
   pooledBytes: number;
+  /** Bytes of buffers in use. */
   liveBytes: number;
 }
 
