@@ -1,17 +1,21 @@
 /**
  * Checkpoints of a training run: the folder layout under `<out>/checkpoints/`, the optimizer
  * state file, the trainer state a resumed run reads, and the checks that it continues the same
- * trajectory (same cache, same settings).
+ * trajectory (same cache, same settings); writing a checkpoint and the final adapter, each
+ * through a temp folder renamed into place.
  */
 import { join } from "node:path";
 import type { TargetCache } from "../data/target_cache.ts";
 import type { TeacherRecord } from "../data/cache_format.ts";
 import { SafetensorsFile, writeSafetensors } from "../io/safetensors.ts";
-import type { DistillConfig, PromptSettings } from "./adapter.ts";
+import type { Gpu } from "../gpu/device.ts";
+import { writeFileAtomic } from "../io/atomic.ts";
+import { type DistillConfig, type PromptSettings, saveAdapter } from "./adapter.ts";
 import { EPOCH_ORDER_DESCRIPTION } from "./batching.ts";
 import type { EvalResult } from "./evaluation.ts";
 import type { AdamWState } from "./optim.ts";
 import { type TrainConfig, type TrajectoryConfig, trajectoryOf } from "./options.ts";
+import type { StudentModel } from "./step.ts";
 
 export const CHECKPOINTS_DIR = "checkpoints";
 
@@ -227,4 +231,109 @@ export async function readResumeState(
     );
   }
   return state;
+}
+
+/** The run folder's subfolder that holds the final adapter `encode` reads. */
+export const ADAPTER_DIR = "adapter";
+
+/** What writing a checkpoint or the final adapter reads from the running trainer. */
+export interface CheckpointSession {
+  config: TrainConfig;
+  gpu: Gpu;
+  cache: TargetCache;
+  baseModel: DistillConfig["baseModel"];
+  student: Pick<StudentModel, "lora" | "resampler">;
+  distill: { optimizer: { state(): Promise<AdamWState> } };
+}
+
+function distillConfig(s: CheckpointSession, training: Record<string, unknown>): DistillConfig {
+  return {
+    format: "distill-adapter",
+    version: 1,
+    prompt: s.config.prompt,
+    baseModel: s.baseModel,
+    teacher: s.cache.teacher.identity,
+    training,
+  };
+}
+
+export interface CheckpointContents {
+  step: number;
+  totalSteps: number;
+  stepsPerEpoch: number;
+  metricsLines: number;
+  elapsedSeconds: number;
+  evalBefore: EvalResult | null;
+}
+
+/**
+ * Writes `checkpoints/step-N` into a temp folder renamed into place, then points
+ * `latest.json` at it and removes all but the newest `keepCheckpoints`.
+ */
+export async function saveCheckpoint(s: CheckpointSession, c: CheckpointContents): Promise<string> {
+  const root = join(s.config.out, CHECKPOINTS_DIR);
+  await Deno.mkdir(root, { recursive: true });
+  const name = checkpointName(c.step);
+  const tmp = join(root, `.tmp-${name}`);
+  const dir = join(root, name);
+  await removeIfPresent(tmp);
+  await saveAdapter(s.gpu, tmp, {
+    config: distillConfig(s, { step: c.step, total_steps: c.totalSteps }),
+    lora: s.student.lora,
+    resampler: s.student.resampler,
+  });
+  await writeOptimizerState(join(tmp, OPTIMIZER_FILE), await s.distill.optimizer.state());
+  const epoch = Math.floor(c.step / c.stepsPerEpoch);
+  const state: TrainerState = {
+    format: TRAINER_STATE_FORMAT,
+    version: 1,
+    step: c.step,
+    totalSteps: c.totalSteps,
+    epoch,
+    position: (c.step - epoch * c.stepsPerEpoch) * s.config.stepBatch,
+    samples: c.step * s.config.stepBatch,
+    rng: {
+      seed: s.config.seed,
+      epochOrder: EPOCH_ORDER_DESCRIPTION,
+      dropout: "mixSeed(seed, 2, step, microBatch)",
+    },
+    config: trajectoryOf(s.config),
+    cache: cacheIdentity(s.cache),
+    baseModel: s.baseModel,
+    prompt: s.config.prompt,
+    metricsLines: c.metricsLines,
+    elapsedSeconds: c.elapsedSeconds,
+    evalBefore: c.evalBefore,
+  };
+  await writeFileAtomic(join(tmp, TRAINER_STATE_FILE), JSON.stringify(state, null, 2) + "\n");
+  // A folder of this step can only be left from an abandoned later part of the same run.
+  await removeIfPresent(dir);
+  await Deno.rename(tmp, dir);
+  await writeFileAtomic(
+    join(root, LATEST_FILE),
+    JSON.stringify({ step: c.step, dir: name }, null, 2) + "\n",
+  );
+  const older = (await listCheckpoints(root)).steps.filter((st) => st < c.step);
+  for (const old of older.slice(0, Math.max(0, older.length - (s.config.keepCheckpoints - 1)))) {
+    await removeIfPresent(join(root, checkpointName(old)));
+  }
+  return dir;
+}
+
+/** Writes `<out>/adapter` through a temp folder, so a complete adapter replaces the old one. */
+export async function saveFinalAdapter(
+  s: CheckpointSession,
+  training: Record<string, unknown>,
+): Promise<string> {
+  const dir = join(s.config.out, ADAPTER_DIR);
+  const tmp = join(s.config.out, `.tmp-${ADAPTER_DIR}`);
+  await removeIfPresent(tmp);
+  await saveAdapter(s.gpu, tmp, {
+    config: distillConfig(s, training),
+    lora: s.student.lora,
+    resampler: s.student.resampler,
+  });
+  await removeIfPresent(dir);
+  await Deno.rename(tmp, dir);
+  return dir;
 }

@@ -27,7 +27,6 @@ import { basename, join } from "node:path";
 import { VERIFIED_SHARDS_FILE } from "../data/cache_verify.ts";
 import { openTargetCache, type TargetCache } from "../data/target_cache.ts";
 import { Gpu } from "../gpu/device.ts";
-import { writeFileAtomic } from "../io/atomic.ts";
 import { ModelFolder } from "../io/hf.ts";
 import { prepareOutputFolder } from "../io/output_path.ts";
 import { destroyLora, initLora } from "../models/lora.ts";
@@ -49,23 +48,21 @@ import {
 } from "../models/resampler_weights.ts";
 import { loadQwenTokenizer, type QwenTokenizer } from "../text/qwen_tokenizer.ts";
 import { Rng } from "../util/rng.ts";
-import { baseModelRecord, type DistillConfig, loadAdapter, saveAdapter } from "./adapter.ts";
-import { EPOCH_ORDER_DESCRIPTION, paddingFraction, StepOrder } from "./batching.ts";
+import { baseModelRecord, type DistillConfig, loadAdapter } from "./adapter.ts";
+import { paddingFraction, StepOrder } from "./batching.ts";
 import {
   cacheIdentity,
   checkpointName,
   CHECKPOINTS_DIR,
-  LATEST_FILE,
   listCheckpoints,
   OPTIMIZER_FILE,
   readLatestCheckpoint,
   readOptimizerState,
   readResumeState,
   removeIfPresent,
-  TRAINER_STATE_FILE,
-  TRAINER_STATE_FORMAT,
+  saveCheckpoint,
+  saveFinalAdapter,
   type TrainerState,
-  writeOptimizerState,
 } from "./checkpoint.ts";
 import {
   describeHeldOut,
@@ -95,8 +92,6 @@ import {
 } from "./options.ts";
 import { writeReport } from "./report.ts";
 import { DistillStep, type MicroBatch, studentForward, type StudentModel } from "./step.ts";
-
-export const ADAPTER_DIR = "adapter";
 
 /** Where training stands after an optimizer step, as `TrainHooks.onProgress` gets it. */
 export interface TrainProgress {
@@ -225,95 +220,6 @@ async function evaluate(
     );
   }
   return { ...acc.result(), heldOut: evaluator.report(outputs) };
-}
-
-function distillConfig(s: Session, training: Record<string, unknown>): DistillConfig {
-  return {
-    format: "distill-adapter",
-    version: 1,
-    prompt: s.config.prompt,
-    baseModel: s.baseModel,
-    teacher: s.cache.teacher.identity,
-    training,
-  };
-}
-
-interface CheckpointContents {
-  step: number;
-  totalSteps: number;
-  stepsPerEpoch: number;
-  metricsLines: number;
-  elapsedSeconds: number;
-  evalBefore: EvalResult | null;
-}
-
-/**
- * Writes `checkpoints/step-N` into a temp folder renamed into place, then points
- * `latest.json` at it and removes all but the newest `keepCheckpoints`.
- */
-async function saveCheckpoint(s: Session, c: CheckpointContents): Promise<string> {
-  const root = join(s.config.out, CHECKPOINTS_DIR);
-  await Deno.mkdir(root, { recursive: true });
-  const name = checkpointName(c.step);
-  const tmp = join(root, `.tmp-${name}`);
-  const dir = join(root, name);
-  await removeIfPresent(tmp);
-  await saveAdapter(s.gpu, tmp, {
-    config: distillConfig(s, { step: c.step, total_steps: c.totalSteps }),
-    lora: s.student.lora,
-    resampler: s.student.resampler,
-  });
-  await writeOptimizerState(join(tmp, OPTIMIZER_FILE), await s.distill.optimizer.state());
-  const epoch = Math.floor(c.step / c.stepsPerEpoch);
-  const state: TrainerState = {
-    format: TRAINER_STATE_FORMAT,
-    version: 1,
-    step: c.step,
-    totalSteps: c.totalSteps,
-    epoch,
-    position: (c.step - epoch * c.stepsPerEpoch) * s.config.stepBatch,
-    samples: c.step * s.config.stepBatch,
-    rng: {
-      seed: s.config.seed,
-      epochOrder: EPOCH_ORDER_DESCRIPTION,
-      dropout: "mixSeed(seed, 2, step, microBatch)",
-    },
-    config: trajectoryOf(s.config),
-    cache: cacheIdentity(s.cache),
-    baseModel: s.baseModel,
-    prompt: s.config.prompt,
-    metricsLines: c.metricsLines,
-    elapsedSeconds: c.elapsedSeconds,
-    evalBefore: c.evalBefore,
-  };
-  await writeFileAtomic(join(tmp, TRAINER_STATE_FILE), JSON.stringify(state, null, 2) + "\n");
-  // A folder of this step can only be left from an abandoned later part of the same run.
-  await removeIfPresent(dir);
-  await Deno.rename(tmp, dir);
-  await writeFileAtomic(
-    join(root, LATEST_FILE),
-    JSON.stringify({ step: c.step, dir: name }, null, 2) + "\n",
-  );
-  const older = (await listCheckpoints(root)).steps.filter((st) => st < c.step);
-  for (const old of older.slice(0, Math.max(0, older.length - (s.config.keepCheckpoints - 1)))) {
-    await removeIfPresent(join(root, checkpointName(old)));
-  }
-  return dir;
-}
-
-/** Writes `<out>/adapter` through a temp folder, so a complete adapter replaces the old one. */
-async function saveFinalAdapter(s: Session, training: Record<string, unknown>): Promise<string> {
-  const dir = join(s.config.out, ADAPTER_DIR);
-  const tmp = join(s.config.out, `.tmp-${ADAPTER_DIR}`);
-  await removeIfPresent(tmp);
-  await saveAdapter(s.gpu, tmp, {
-    config: distillConfig(s, training),
-    lora: s.student.lora,
-    resampler: s.student.resampler,
-  });
-  await removeIfPresent(dir);
-  await Deno.rename(tmp, dir);
-  return dir;
 }
 
 function etaOf(stepsLeft: number, secondsPerStep: number): number {
