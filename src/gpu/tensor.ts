@@ -108,6 +108,17 @@ export class Tensor {
     return new Tensor(this.#owner, this.buffer, shape, this.dtype, this.name, false);
   }
 
+  /**
+   * The first `numel(shape)` elements as a tensor of `shape` (no copy), e.g. the leading rows of
+   * a matrix. Like `reshape`, the view must not outlive the original.
+   */
+  leading(shape: readonly number[]): Tensor {
+    if (numel(shape) > this.size) {
+      throw new Error(`'${this.name}' [${this.shape}] has no leading [${shape}]`);
+    }
+    return new Tensor(this.#owner, this.buffer, shape, this.dtype, this.name, false);
+  }
+
   /** Hands the buffer back to the pool; later GPU work in the same submission may reuse it. */
   destroy(): void {
     if (this.#buffer && this.#ownsBuffer) this.#owner.releaseBuffer(this.#buffer);

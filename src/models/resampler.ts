@@ -121,9 +121,7 @@ function repeatForBatch(gpu: Gpu, param: Tensor, rows: number, batch: number): T
 function repeatForBatchBackward(gpu: Gpu, dy: Tensor, grad: Tensor): void {
   const [batch, rows, width] = dy.shape;
   const sum = columnSum(gpu, dy.reshape([batch, rows * width]));
-  // A view of grad's first rows: same buffer, a shorter binding from offset 0.
-  const head = new Tensor(gpu, grad.buffer, sum.shape, "f32", grad.name, false);
-  addInPlace(gpu, head, sum);
+  addInPlace(gpu, grad.leading(sum.shape), sum);
   sum.destroy();
 }
 

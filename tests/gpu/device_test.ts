@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { Gpu, grid1d } from "../../src/gpu/device.ts";
 import { sizeClass } from "../../src/gpu/pool.ts";
-import { add } from "../../src/ops/elementwise.ts";
+import { add, addInPlace } from "../../src/ops/elementwise.ts";
 import { testGpu } from "../helpers.ts";
 
 Deno.test("upload and read round-trip every dtype, odd lengths included", async () => {
@@ -216,4 +216,17 @@ Deno.test("readback staging is kept for small reads and not for one past the cap
   assert.deepEqual(await gpu.read(small), new Float32Array([1, 2, 3]));
   small.destroy();
   large.destroy();
+});
+
+Deno.test("leading views the first rows in place: writes through it land in the original", async () => {
+  const gpu = await testGpu();
+  const t = gpu.upload(new Float32Array([1, 2, 3, 4, 5, 6]), [3, 2], "f32", "t");
+  const head = t.leading([2, 2]);
+  assert.deepStrictEqual([...(await gpu.read(head))], [1, 2, 3, 4]);
+  const ones = gpu.upload(new Float32Array(4).fill(1), [2, 2], "f32", "ones");
+  addInPlace(gpu, head, ones);
+  assert.deepStrictEqual([...(await gpu.read(t))], [2, 3, 4, 5, 5, 6]);
+  assert.throws(() => t.leading([4, 2]), /'t' \[3,2\] has no leading \[4,2\]/);
+  ones.destroy();
+  t.destroy();
 });
