@@ -42,22 +42,26 @@ const COLUMN_WG: u32 = 64u;
 // [chunks, d]: per chunk of rows, the partial dweight of every column.
 @group(0) @binding(11) var<storage, read_write> partial: array<f32>;
 
-// Returns (mean, rstd) of the row after writing y = (x - mean) * rstd * w + b.
+// Returns (mean, rstd) of the row after writing y = (x - mean) * rstd * w + b. The sums are
+// taken of x - x[0] (the shifted-data algorithm): values near the row's first one subtract
+// exactly, so a mean far from zero adds no rounding to the centred values. Centring on the f32
+// mean instead left its rounding in every y (NMSE 1.1e-10 at 3x1000 around 300 on an NVIDIA H200).
 fn layer_norm_row(row: u32, lid: u32) -> vec2f {
   let base = row * p.d;
+  let shift = x[base];
   var sum = 0.0;
-  for (var j = lid; j < p.d; j += WG) { sum += x[base + j]; }
-  let mean = workgroup_sum(sum, lid) / f32(p.d);
+  for (var j = lid; j < p.d; j += WG) { sum += x[base + j] - shift; }
+  let offset = workgroup_sum(sum, lid) / f32(p.d);
   var sq = 0.0;
   for (var j = lid; j < p.d; j += WG) {
-    let c = x[base + j] - mean;
+    let c = (x[base + j] - shift) - offset;
     sq += c * c;
   }
   let rstd = 1.0 / sqrt(workgroup_sum(sq, lid) / f32(p.d) + p.eps);
   for (var j = lid; j < p.d; j += WG) {
-    y[base + j] = (x[base + j] - mean) * rstd * weight[j] + bias[j];
+    y[base + j] = ((x[base + j] - shift) - offset) * rstd * weight[j] + bias[j];
   }
-  return vec2f(mean, rstd);
+  return vec2f(shift + offset, rstd);
 }
 
 // Returns rstd after writing y = w * (x * rstd), the order of transformers' Qwen3RMSNorm.

@@ -76,7 +76,7 @@ export function dropout(gpu: Gpu, x: Tensor, p: number, seed: number, out?: Tens
   const result = out ?? gpu.empty(x.shape, "f32", `dropout(${x.name})`);
   gpu.dispatch({
     kernel: { name: "elementwise", code, entry: "dropout" },
-    params: [x.size, f32(p), seed >>> 0],
+    params: [x.size, f32(p), seed >>> 0, f32(1 / (1 - p))],
     bindings: [x, null, result],
     workgroups: grid1d(gpu, x.size, WG),
   });

@@ -19,8 +19,9 @@ function pcgHash(v: number): number {
 }
 
 export function dropoutRef(x: Float32Array, p: number, seed: number): Float32Array {
+  const keepScale = Math.fround(1 / (1 - p));
   return x.map((v, i) => {
     const r = (pcgHash((pcgHash(i) ^ seed) >>> 0) >>> 8) / 16777216;
-    return r >= p ? Math.fround(v / Math.fround(1 - p)) : 0;
+    return r >= p ? Math.fround(v * keepScale) : 0;
   });
 }
