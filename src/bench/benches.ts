@@ -2,6 +2,12 @@
 import type { Bench } from "./harness.ts";
 import { matmulBench } from "./matmul.ts";
 import { nf4MatmulBench } from "./nf4_matmul.ts";
+import { roundTripBench } from "./round_trip.ts";
 import { studentBench } from "./student.ts";
 
-export const BENCHES: readonly Bench[] = [matmulBench, nf4MatmulBench, studentBench];
+export const BENCHES: readonly Bench[] = [
+  roundTripBench,
+  matmulBench,
+  nf4MatmulBench,
+  studentBench,
+];

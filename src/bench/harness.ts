@@ -49,10 +49,15 @@ export interface GpuTiming {
   cpuMs: number;
 }
 
+/** Most calls in one timed batch; the parameter ring holds 4096 dispatches per submit. */
+const MAX_CALLS_PER_BATCH = 1024;
+
 /**
  * Median time per call of `record`, which must only record GPU work. The first call
- * (pipeline compilation) and a second one (to size the batches) are not timed; each timed
- * batch records several calls and waits once, so the per-submission cost is spread.
+ * (pipeline compilation) is not timed. One call and two calls, each followed by a wait, size
+ * the batches: their difference is one call's GPU work without the fixed cost of a submission
+ * and its wait, which on a real GPU is far larger than the work (about 10 ms through Deno's
+ * WebGPU on an NVIDIA H200, against 0.01-1 ms of work), so batches hold enough calls to bury it.
  */
 export async function timeGpu(
   gpu: Gpu,
@@ -61,23 +66,28 @@ export async function timeGpu(
 ): Promise<GpuTiming> {
   record();
   await gpu.sync();
-  let start = performance.now();
-  record();
-  await gpu.sync();
-  const estimate = performance.now() - start;
-  const calls = Math.max(1, Math.min(64, Math.round(batchMs / Math.max(estimate, 1e-3))));
+  const once = await timeCalls(gpu, record, 1);
+  const twice = await timeCalls(gpu, record, 2);
+  // On a busy CPU adapter the difference can come out below zero: fall back to one call.
+  const perCall = twice - once > 0.05 * once ? twice - once : once;
+  const calls = Math.max(1, Math.min(MAX_CALLS_PER_BATCH, Math.round(batchMs / perCall)));
   const wall: number[] = [];
   const cpu: number[] = [];
   for (let r = 0; r < reps; r++) {
     const cpuStart = process.cpuUsage();
-    start = performance.now();
-    for (let c = 0; c < calls; c++) record();
-    await gpu.sync();
-    wall.push((performance.now() - start) / calls);
+    wall.push((await timeCalls(gpu, record, calls)) / calls);
     const used = process.cpuUsage(cpuStart);
     cpu.push((used.user + used.system) / 1000 / calls);
   }
   return { ms: median(wall), cpuMs: median(cpu) };
+}
+
+/** Wall milliseconds of `calls` recorded calls and one wait for all of them. */
+async function timeCalls(gpu: Gpu, record: () => void, calls: number): Promise<number> {
+  const start = performance.now();
+  for (let c = 0; c < calls; c++) record();
+  await gpu.sync();
+  return performance.now() - start;
 }
 
 /** Median wall time of `run` (host code) over `reps` runs after one warm-up run. */
@@ -92,7 +102,8 @@ export function timeHost(run: () => void, reps = 5): number {
   return median(times);
 }
 
-function median(values: number[]): number {
+/** The middle value (the mean of the two middle ones for an even count). */
+export function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   const mid = sorted.length >> 1;
   return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;

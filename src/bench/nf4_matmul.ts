@@ -28,7 +28,8 @@ function benchShapes(): Array<{ m: number; k: number; n: number; layers: string 
     if (known) known.layers += `,${name}`;
     else byShape.set(key, { m: STUDENT_BENCH_TOKENS, k, n, layers: name });
   }
-  // One prompt's worth of rows: the fused kernels (fewer than DEQUANTIZE_MIN_ROWS rows).
+  // One prompt's worth of rows: the fused kernels on CPU adapters (fewer than
+  // DEQUANTIZE_MIN_ROWS rows); real GPUs decode W first at any row count.
   return [...byShape.values(), { m: 32, k: 1024, n: 3072, layers: "gate_proj,up_proj" }];
 }
 
