@@ -49,15 +49,17 @@ export interface GpuTiming {
   cpuMs: number;
 }
 
-/** Most calls in one timed batch; the parameter ring holds 4096 dispatches per submit. */
-const MAX_CALLS_PER_BATCH = 1024;
+/** Most calls in one timed batch (the parameter ring submits every 4096 dispatches). */
+const MAX_CALLS_PER_BATCH = 4096;
+/** Calls recorded per submission within a batch. */
+const SUBMIT_EVERY = 64;
 
 /**
  * Median time per call of `record`, which must only record GPU work. The first call
- * (pipeline compilation) is not timed. One call and two calls, each followed by a wait, size
- * the batches: their difference is one call's GPU work without the fixed cost of a submission
- * and its wait, which on a real GPU is far larger than the work (about 10 ms through Deno's
- * WebGPU on an NVIDIA H200, against 0.01-1 ms of work), so batches hold enough calls to bury it.
+ * (pipeline compilation) is not timed. Batches double from one call until a batch with its one
+ * wait takes `batchMs`: a wait costs about 11 ms through Deno's WebGPU (the round_trip rows),
+ * which on a real GPU is far more than one call's work, so the batch must bury it. An estimate
+ * from the difference of one and two calls did not: on an NVIDIA H200 it was mostly noise.
  */
 export async function timeGpu(
   gpu: Gpu,
@@ -66,11 +68,8 @@ export async function timeGpu(
 ): Promise<GpuTiming> {
   record();
   await gpu.sync();
-  const once = await timeCalls(gpu, record, 1);
-  const twice = await timeCalls(gpu, record, 2);
-  // On a busy CPU adapter the difference can come out below zero: fall back to one call.
-  const perCall = twice - once > 0.05 * once ? twice - once : once;
-  const calls = Math.max(1, Math.min(MAX_CALLS_PER_BATCH, Math.round(batchMs / perCall)));
+  let calls = 1;
+  while (calls < MAX_CALLS_PER_BATCH && await timeCalls(gpu, record, calls) < batchMs) calls *= 2;
   const wall: number[] = [];
   const cpu: number[] = [];
   for (let r = 0; r < reps; r++) {
@@ -85,7 +84,12 @@ export async function timeGpu(
 /** Wall milliseconds of `calls` recorded calls and one wait for all of them. */
 async function timeCalls(gpu: Gpu, record: () => void, calls: number): Promise<number> {
   const start = performance.now();
-  for (let c = 0; c < calls; c++) record();
+  for (let c = 1; c <= calls; c++) {
+    record();
+    // Scratch a call frees is reused only once its pass is submitted: submitting every
+    // SUBMIT_EVERY calls keeps thousands of calls from holding thousands of scratch buffers.
+    if (c % SUBMIT_EVERY === 0) gpu.flush();
+  }
   await gpu.sync();
   return performance.now() - start;
 }
