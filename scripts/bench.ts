@@ -35,7 +35,10 @@ resampler, batch 1, 256 tokens).
 
 Every result is the median wall time (ms) of one call after a warm-up, GPU work included,
 with the process CPU time (cpuMs, all threads) that tells how much of the machine a CPU
-adapter really got when other jobs share the cores.
+adapter really got when other jobs share the cores. Kernel rows time batches of calls that
+double until one batch with its single wait takes 100 ms, because a wait costs about 11 ms
+through Deno's WebGPU (the round_trip rows measure it), far more than a kernel on a real GPU;
+student rows time whole calls, each with its one readback.
 A plain-TypeScript blocked matmul at ${
   BASELINE_SIZES.join(" and ")
 } gives the "baseline" GFLOP/s; each result's
