@@ -2,7 +2,7 @@
 import type { Gpu } from "../gpu/device.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import { f32ArrayToBf16, f32ArrayToF16 } from "../io/dtype.ts";
-import { matmul, type MatmulWeightType } from "../ops/matmul.ts";
+import { isCpuAdapter, matmul, type MatmulWeightType } from "../ops/matmul.ts";
 import { Rng } from "../util/rng.ts";
 import { type Bench, type BenchResult, timeGpu } from "./harness.ts";
 
@@ -39,6 +39,7 @@ async function timeCase(
   type: MatmulWeightType,
   extra: Record<string, unknown>,
   baselineGflops: number,
+  kernel: "registers" | "workgroup" = "registers",
 ): Promise<BenchResult> {
   const x = gpu.upload(uniformValues(m * k, 1), [m, k], "f32", "bench.x");
   const w = uploadWeight(gpu, type, n, k);
@@ -46,7 +47,7 @@ async function timeCase(
   const flops = 2 * m * n * k;
   // Products over a second get 3 timed repetitions instead of 5 to keep the bench short.
   const reps = flops > 1e10 ? 3 : 5;
-  const { ms, cpuMs } = await timeGpu(gpu, () => matmul(gpu, x, w, { out: y }), { reps });
+  const { ms, cpuMs } = await timeGpu(gpu, () => matmul(gpu, x, w, { out: y, kernel }), { reps });
   for (const t of [x, w, y]) t.destroy();
   const gflops = flops / ms / 1e6;
   return {
@@ -56,6 +57,7 @@ async function timeCase(
     k,
     weights: type,
     layout: "y = x Wᵀ",
+    kernel,
     ...extra,
     ms,
     cpuMs,
@@ -77,6 +79,11 @@ export const matmulBench: Bench = {
         result.fractionOfTorch = result.gflops! / torch.matmul1024Gflops;
       }
       results.push(result);
+      // On a real GPU the workgroup-memory kernel too, beside the default register-tiled one,
+      // to tell which should be the default there (CPU adapters would compile it for minutes).
+      if (!isCpuAdapter(gpu)) {
+        results.push(await timeCase(gpu, s, s, s, "f32", {}, baselineGflops, "workgroup"));
+      }
     }
     for (const { m, k, n, model } of MODEL_SHAPES) {
       for (const type of WEIGHT_TYPES) {

@@ -9,11 +9,17 @@
  * goes to loads, not arithmetic (see kernels/matmul.wgsl), so f16 math would cost accuracy
  * for nothing.
  *
- * kernels/matmul.wgsl takes the tile and workgroup sizes as override constants and, through its
- * markers, the unrolled tile code generated here for each layout, weight type, vector width and
- * tile size; each combination is its own pipeline.
+ * Two kernels compute the same products. Every adapter runs kernels/matmul.wgsl by default,
+ * which keeps a tile of y per invocation in registers; it takes the tile and workgroup sizes as
+ * override constants and, through its markers, the unrolled tile code generated here for each
+ * layout, weight type, vector width and tile size; each combination is its own pipeline.
+ * `kernel: "workgroup"` runs kernels/matmul_shared.wgsl instead, which stages slabs of both
+ * operands in workgroup memory, the usual design for real GPUs. It is tested on every adapter
+ * but has not been timed on a real GPU yet (`deno task bench` times both there), so it is not
+ * the default anywhere.
  */
 import template from "../../kernels/matmul.wgsl" with { type: "text" };
+import sharedTemplate from "../../kernels/matmul_shared.wgsl" with { type: "text" };
 import { f32, type Gpu } from "../gpu/device.ts";
 import type { Markers } from "../gpu/shader.ts";
 import type { Tensor } from "../gpu/tensor.ts";
@@ -38,8 +44,13 @@ export interface MatmulOptions {
   /** Add the result to what `out` holds (e.g. a LoRA branch into its base output, or a
    * gradient into its accumulator) instead of overwriting it. */
   accumulate?: boolean;
-  /** Overrides the adapter's default tile (benchmarks and tests). */
+  /** Overrides the adapter's default tile of the register-tiled kernel (benchmarks and tests). */
   tiling?: MatmulTiling;
+  /**
+   * Which kernel runs: "registers" (kernels/matmul.wgsl, the default) or "workgroup"
+   * (workgroup-memory slabs, kernels/matmul_shared.wgsl; `tiling` does not apply to it).
+   */
+  kernel?: "registers" | "workgroup";
 }
 
 /** Rows and columns of y per invocation, and invocations per workgroup. */
@@ -151,6 +162,32 @@ export function matmul(gpu: Gpu, x: Tensor, w: Tensor, options: MatmulOptions = 
   const xLayout = transposeX ? "km" : "mk";
   const wLayout = transposeW ? "nk" : "kn";
   const wType = w.dtype as MatmulWeightType;
+  if (options.kernel === "workgroup") {
+    const groups: [number, number, number] = [
+      Math.ceil(n / SHARED_TILE),
+      Math.ceil(m / SHARED_TILE),
+      batch,
+    ];
+    checkGroups(gpu, groups, batch, m, n);
+    gpu.dispatch({
+      kernel: {
+        name: `matmul_shared_${wType}`,
+        code: sharedTemplate,
+        markers: SHARED_MARKERS[wType],
+        constants: {
+          X_KM: transposeX ? 1 : 0,
+          W_KN: transposeW ? 0 : 1,
+          ADD_BIAS: bias ? 1 : 0,
+          ACCUMULATE: accumulate ? 1 : 0,
+        },
+      },
+      params: [m, n, k, transposeX ? k * m : m * k, batchedW ? n * k : 0, m * n, f32(alpha)],
+      // Without a bias the binding still needs a buffer; ADD_BIAS 0 keeps it unread.
+      bindings: [x, w, y, bias ?? x],
+      workgroups: groups,
+    });
+    return y;
+  }
   const packedAlongK = wType !== "f32" && wLayout === "nk" && k % 8 === 0;
   const tiling = options.tiling ?? defaultMatmulTiling(gpu, m, packedAlongK);
   checkTiling(tiling);
@@ -170,13 +207,7 @@ export function matmul(gpu: Gpu, x: Tensor, w: Tensor, options: MatmulOptions = 
     Math.ceil(Math.ceil(n / tiling.cols) / tiling.workgroup),
     batch,
   ];
-  const maxGroups = gpu.limits.maxComputeWorkgroupsPerDimension;
-  if (groups.some((g) => g > maxGroups)) {
-    throw new Error(
-      `matmul: [${batch}, ${m}, ${n}] needs workgroups [${groups}], over this adapter's limit ` +
-        `${maxGroups} per dimension; split the product`,
-    );
-  }
+  checkGroups(gpu, groups, batch, m, n);
   const name = variantName(variant);
   let markers = markerCache.get(name);
   if (markers === undefined) markerCache.set(name, markers = matmulMarkers(variant));
@@ -198,6 +229,35 @@ export function matmul(gpu: Gpu, x: Tensor, w: Tensor, options: MatmulOptions = 
   });
   return y;
 }
+
+function checkGroups(gpu: Gpu, groups: number[], batch: number, m: number, n: number): void {
+  const maxGroups = gpu.limits.maxComputeWorkgroupsPerDimension;
+  if (groups.some((g) => g > maxGroups)) {
+    throw new Error(
+      `matmul: [${batch}, ${m}, ${n}] needs workgroups [${groups}], over this adapter's limit ` +
+        `${maxGroups} per dimension; split the product`,
+    );
+  }
+}
+
+/** Rows and columns of y per workgroup of kernels/matmul_shared.wgsl. */
+const SHARED_TILE = 64;
+
+/** kernels/matmul_shared.wgsl's weight element type and the body of its `weight(index)`. */
+const SHARED_MARKERS: Record<MatmulWeightType, Markers> = {
+  f32: { W_ELEM: "f32", W_VALUE: "  return w[index];" },
+  f16: {
+    W_ELEM: "u32",
+    W_VALUE: "  let pair = unpack2x16float(w[index >> 1u]);\n" +
+      "  return select(pair.x, pair.y, (index & 1u) == 1u);",
+  },
+  bf16: {
+    W_ELEM: "u32",
+    W_VALUE: "  let word = w[index >> 1u];\n" +
+      "  return select(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u), " +
+      "(index & 1u) == 1u);",
+  },
+};
 
 function checkTiling({ rows, cols, workgroup }: MatmulTiling): void {
   const ok = (v: number) => Number.isInteger(v) && v > 0 && v % 4 === 0;

@@ -67,6 +67,8 @@ export interface GpuCase<H> {
   name: string;
   /** An optional adapter feature the case needs; without it the test is ignored, saying why. */
   needs?: keyof GpuFeatures;
+  /** Why the case is ignored on OpenGL (DENO_WEBGPU_BACKEND=gl), if it is. */
+  glIgnore?: string;
   /** Host inputs, drawn from the case's own stream. */
   inputs(draw: Draw): H;
   /** Uploads the inputs (through `scope`), records the op and returns its outputs by name. */
@@ -109,6 +111,7 @@ export interface FiniteDiffCase<H> {
 export interface OpCheck {
   name: string;
   needs?: keyof GpuFeatures;
+  glIgnore?: string;
   /** Whether it runs on the GPU (its failures then name the adapter). */
   onGpu: boolean;
   run(gpu: Gpu): Promise<void> | void;
@@ -125,6 +128,7 @@ export function gpuCase<H>(c: GpuCase<H>): OpCheck {
   return {
     name: c.name,
     needs: c.needs,
+    glIgnore: c.glIgnore,
     onGpu: true,
     async run(gpu) {
       const scope = new Scope(gpu);
@@ -192,10 +196,15 @@ export function registerOpChecks(gpu: Gpu, checks: OpCheck[]): void {
     seen.add(check.name);
     // DISTILL_DISABLE (see testGpu) turns a feature off as if the adapter lacked it.
     const missing = check.needs && !gpu.features[check.needs];
-    const reason = missing && `ignored: ${FEATURE_NAMES[check.needs!]} missing or disabled`;
+    const onGl = Deno.env.get("DENO_WEBGPU_BACKEND") === "gl";
+    const reason = missing
+      ? `ignored: ${FEATURE_NAMES[check.needs!]} missing or disabled`
+      : onGl && check.glIgnore
+      ? `ignored on OpenGL: ${check.glIgnore}`
+      : undefined;
     Deno.test({
       name: reason ? `${check.name} (${reason})` : check.name,
-      ignore: Boolean(missing),
+      ignore: Boolean(reason),
       async fn() {
         try {
           await check.run(gpu);

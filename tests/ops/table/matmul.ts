@@ -21,6 +21,9 @@ interface MatmulSpec extends Omit<MatmulRefShape, "bias" | "accumulateInto"> {
   /** x as [3, M / 3, K] instead of [M, K]: leading dims flatten into M. */
   x3d?: boolean;
   tiling?: MatmulTiling;
+  kernel?: "registers" | "workgroup";
+  /** Why the case is ignored on OpenGL, if it is. */
+  glIgnore?: string;
 }
 
 /** `matmul nt 37x29x53 f32 bias`: layout letters for x and w (t = transposed), then options. */
@@ -34,6 +37,7 @@ function matmulName(s: MatmulSpec): string {
     s.alpha !== undefined ? `alpha${s.alpha}` : "",
     s.accumulate ? "acc" : "",
     s.tiling ? `tile${s.tiling.rows}x${s.tiling.cols}` : "",
+    s.kernel ? `${s.kernel}-kernel` : "",
   ].filter(Boolean);
   return ["matmul", layout, dims, s.wType ?? "f32", ...flags].join(" ");
 }
@@ -52,6 +56,7 @@ function matmulCase(s: MatmulSpec): OpCheck {
   const wType = s.wType ?? "f32";
   return gpuCase<MatmulHost>({
     name: matmulName(s),
+    glIgnore: s.glIgnore,
     inputs(draw: Draw) {
       const x = draw.randn(batch * m * k);
       let w = draw.randn((batchedW ? batch : 1) * n * k, 0.5);
@@ -78,6 +83,7 @@ function matmulCase(s: MatmulSpec): OpCheck {
           transposeW,
           bias: h.bias && scope.upload(h.bias, [n], "f32", "bias"),
           tiling: s.tiling,
+          kernel: s.kernel,
           alpha: s.alpha,
           out: h.into && scope.upload(h.into, [batch * m * n], "f32", "out"),
           accumulate: s.accumulate,
@@ -125,6 +131,44 @@ const ODD: MatmulSpec[] = [
   { m: 36, n: 7, k: 33, ...tt, bias: true },
 ];
 
+/**
+ * The workgroup-memory kernel (`kernel: "workgroup"`, opt-in until timed on a real GPU): odd sizes
+ * within one 64 x 64 tile and over several (M 130, N 70, K 33 past two 16-deep slabs), every
+ * layout, batched, bias, alpha, accumulate and 16-bit weights. llvmpipe's OpenGL compiles each
+ * variant of it in 20-46 s (Vulkan in well under 1 s), so on OpenGL two cases cover it: the
+ * Linear layout with a bias and alpha, and dW's layout accumulating.
+ */
+const GL_SLOW = "llvmpipe takes 20-46 s to compile each variant of the workgroup kernel";
+const WORKGROUP_KERNEL_SPECS: MatmulSpec[] = [
+  ...([
+    ...[nt, nn, tn, tt].flatMap((layout): MatmulSpec[] => [
+      { m: 1, n: 1, k: 1, ...layout },
+      { m: 130, n: 70, k: 33, ...layout },
+    ]),
+    { m: 37, n: 29, k: 53, ...nn, accumulate: true },
+    ...[[nt, 52], [nn, 53], [tn, 53], [tt, 52]].map(([layout, k]) => ({
+      batch: 3,
+      batchedW: true,
+      m: 37,
+      n: 29,
+      k: k as number,
+      ...layout as object,
+      bias: layout === tt,
+    })),
+    { m: 21, n: 29, k: 52, x3d: true },
+    ...(["f16", "bf16"] as const).flatMap((wType): MatmulSpec[] => [
+      { m: 37, n: 29, k: 53, wType, bias: true },
+      { m: 37, n: 30, k: 21, wType, ...nn },
+    ]),
+  ] as MatmulSpec[]).map((spec): MatmulSpec => ({
+    ...spec,
+    kernel: "workgroup",
+    glIgnore: GL_SLOW,
+  })),
+  { m: 3, n: 65, k: 7, bias: true, alpha: -0.37, kernel: "workgroup" },
+  { m: 36, n: 29, k: 21, ...tn, alpha: 0.5, accumulate: true, kernel: "workgroup" },
+];
+
 const matmulSpecs: MatmulSpec[] = [
   ...ODD,
   // Linear layout: odd K (scalar loads), K % 4 == 0 (vec4 loads, partial last k-step).
@@ -163,6 +207,7 @@ const matmulSpecs: MatmulSpec[] = [
     { m: 37, n: 40, k: 21, wType, ...nn },
     { m: 37, n: 30, k: 21, wType, ...nn },
   ]),
+  ...WORKGROUP_KERNEL_SPECS,
   // The small GPU tile computes the same products.
   { m: 37, n: 29, k: 52, bias: true, tiling: { rows: 4, cols: 4, workgroup: 64 } },
   { m: 37, n: 40, k: 21, ...nn, wType: "bf16", tiling: { rows: 4, cols: 4, workgroup: 64 } },
