@@ -334,6 +334,26 @@ fn dequantize_f32(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgr
   }
 }
 
+// W decoded transposed into `staged` as f32 [K, N] (element (n, k) at k * N + n), so that the
+// input gradient dx = dy W runs as the x Wᵀ product, the fastest layout of the matmul on CPU
+// adapters (1.45-1.5x y = x W at the student's projections). One packed word per invocation:
+// eight scattered stores. Needs N * K a multiple of 8.
+@compute @workgroup_size(256)
+fn dequantize_f32_transposed(
+  @builtin(global_invocation_id) gid: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+) {
+  let word = flat_index(gid, nwg, 256u);
+  if (word < p.n * p.k / 8u) {
+    var v = decode_word(word);
+    for (var i = 0u; i < 8u; i++) {
+      let e = word * 8u + i;
+      let row = e / p.k;
+      staged[(e - row * p.k) * p.n + row] = v[i / 4u][i % 4u];
+    }
+  }
+}
+
 // W decoded into `decoded_f16` as f16 bit patterns, [N, K] row-major and two per u32 with the
 // lower-index element in the low half, as the matmul unpacks them: the eight elements of one
 // packed word per invocation. Each value is the f32 product code * absmax rounded once to f16,

@@ -279,11 +279,37 @@ function tiledProduct(
  * share one scratch per shape.
  */
 export function nf4DecodeWeight(gpu: Gpu, w: Nf4Weight): Tensor {
+  return decodeWeight(gpu, w, false);
+}
+
+/**
+ * Wᵀ [inFeatures, outFeatures] decoded to exact f32 into a pooled tensor, for the input
+ * gradient dx = dy W as the x Wᵀ product (the matmul's fastest layout). Needs outFeatures *
+ * inFeatures a multiple of 8. The caller destroys it.
+ */
+export function nf4DecodeWeightTransposed(gpu: Gpu, w: Nf4Weight): Tensor {
+  return decodeWeight(gpu, w, true);
+}
+
+function decodeWeight(gpu: Gpu, w: Nf4Weight, transposed: boolean): Tensor {
   const block = checkWeight("nf4DecodeWeight", w);
   const { outFeatures: n, inFeatures: k } = w;
   const name = `${w.packed.name}.decoded`;
   const constants = { BLOCK: block };
   const params = [...CODE_PARAMS, 0, n, k, 0, 0, 0, 0, 0];
+  if (transposed) {
+    if ((n * k) % 8 !== 0) {
+      throw new Error(`nf4DecodeWeightTransposed: ${n} x ${k} is not a multiple of 8 elements`);
+    }
+    const out = gpu.empty([k, n], "f32", `${name}.transposed`);
+    gpu.dispatch({
+      kernel: { name: KERNEL, code, entry: "dequantize_f32_transposed", constants },
+      params,
+      bindings: [null, w.packed, w.absmax, null, null, null, out],
+      workgroups: grid1d(gpu, (n * k) / 8, DEQUANTIZE_WORKGROUP),
+    });
+    return out;
+  }
   if ((n * k) % 8 === 0) {
     const f16 = w.decodesToF16 === true;
     const out = gpu.empty([n, k], f16 ? "f16" : "f32", name);
@@ -393,9 +419,12 @@ export function nf4MatmulInputGrad(
   const dx = opts.out ?? gpu.empty(shape, "f32", `nf4MatmulInputGrad(${dy.name})`);
   if (m === 0) return dx;
   if (decodesFirst(gpu, m)) {
-    const wf = nf4DecodeWeight(gpu, w);
+    // Exact f32 decodes straight into Wᵀ, so the product takes the matmul's fastest layout;
+    // the f16 decode stays [N, K] (packed along K, as its 16-bit matmul reads it).
+    const transposed = !w.decodesToF16 && (n * k) % 8 === 0;
+    const wf = transposed ? nf4DecodeWeightTransposed(gpu, w) : nf4DecodeWeight(gpu, w);
     matmul(gpu, dy.reshape([m, n]), wf, {
-      transposeW: false,
+      transposeW: transposed,
       out: dx,
       accumulate: opts.accumulate,
     });

@@ -5,6 +5,7 @@ import {
   DEQUANTIZE_MIN_ROWS,
   type Nf4Decode,
   nf4DecodeWeight,
+  nf4DecodeWeightTransposed,
   nf4Matmul,
   nf4MatmulInputGrad,
   type Nf4Weight,
@@ -52,6 +53,27 @@ Deno.test("nf4DecodeWeight under decode f16 writes code * absmax rounded once to
     decoded.destroy();
     destroy(w);
   }
+});
+
+Deno.test("nf4DecodeWeightTransposed writes the exact f32 code * absmax as [K, N], rows straddling words included", async () => {
+  const gpu = await testGpu();
+  // [n, k, block]: K a multiple of 8, K = 12 (words straddle rows), blocks of 6 mid-word, and
+  // 5 x 37 elements, which it refuses (not a multiple of 8).
+  for (const [n, k, block] of [[37, 24, 64], [10, 12, 64], [9, 40, 6]]) {
+    const { w, exact } = upload(gpu, randn(n * k, n * k, 0.05), n, k, block, "f32");
+    const decoded = nf4DecodeWeightTransposed(gpu, w);
+    assert.deepEqual(decoded.shape, [k, n]);
+    const expected = new Float32Array(n * k);
+    for (let row = 0; row < n; row++) {
+      for (let col = 0; col < k; col++) expected[col * n + row] = exact[row * k + col];
+    }
+    assert.deepEqual(await gpu.readF32(decoded), expected, `[${n}, ${k}] in blocks of ${block}`);
+    decoded.destroy();
+    destroy(w);
+  }
+  const { w } = upload(gpu, randn(5 * 37, 1, 0.05), 5, 37, 64, "f32");
+  assert.throws(() => nf4DecodeWeightTransposed(gpu, w), /5 x 37 is not a multiple of 8/);
+  destroy(w);
 });
 
 Deno.test("nf4DecodeWeight writes the exact f32 code * absmax by default, word by word or not", async () => {
