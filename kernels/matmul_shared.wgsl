@@ -53,6 +53,15 @@ fn weight(index: u32) -> f32 {
 $W_VALUE
 }
 
+// Where the invocations' `idx`-th load lands in a slab, as (position along the tile, depth):
+// consecutive invocations take consecutive depths when the operand is stored with K contiguous
+// (16 per row of the tile), consecutive tile positions when it is stored transposed, so that
+// they read consecutive addresses either way.
+fn slab_position(idx: u32, tile_contiguous: bool) -> vec2u {
+  if (tile_contiguous) { return vec2u(idx % TILE, idx / TILE); }
+  return vec2u(idx / SLAB, idx % SLAB);
+}
+
 @compute @workgroup_size(16, 16, 1)
 fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {
   let n0 = wid.x * TILE;
@@ -65,38 +74,23 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: ve
   for (var k0 = 0u; k0 < p.k; k0 += SLAB) {
     for (var e = 0u; e < 4u; e++) {
       let idx = flat + e * WG_SIDE * WG_SIDE;
-      // A: along K when x is [M, K] (16 invocations per row), along M when it is [K, M].
-      var r = idx / SLAB;
-      var kk = idx % SLAB;
-      if (X_KM == 1u) {
-        r = idx % TILE;
-        kk = idx / TILE;
-      }
-      let row = m0 + r;
-      let col = k0 + kk;
+      // A at (row r, depth kk) and B at (column c, depth kb) of the slabs.
+      let a_at = slab_position(idx, X_KM == 1u);
+      let row = m0 + a_at.x;
+      let col = k0 + a_at.y;
       var a = 0.0;
       if (row < p.m && col < p.k) {
-        var at = x_base + row * p.k + col;
-        if (X_KM == 1u) { at = x_base + col * p.m + row; }
-        a = x[at];
+        a = x[select(x_base + row * p.k + col, x_base + col * p.m + row, X_KM == 1u)];
       }
-      a_slab[kk * TILE + r] = a;
-      // B: along K when w is [N, K], along N when it is [K, N].
-      var c = idx / SLAB;
-      var kb = idx % SLAB;
-      if (W_KN == 1u) {
-        c = idx % TILE;
-        kb = idx / TILE;
-      }
-      let n = n0 + c;
-      let kw = k0 + kb;
+      a_slab[a_at.y * TILE + a_at.x] = a;
+      let b_at = slab_position(idx, W_KN == 1u);
+      let n = n0 + b_at.x;
+      let kw = k0 + b_at.y;
       var b = 0.0;
       if (n < p.n && kw < p.k) {
-        var wt = w_base + n * p.k + kw;
-        if (W_KN == 1u) { wt = w_base + kw * p.n + n; }
-        b = weight(wt);
+        b = weight(select(w_base + n * p.k + kw, w_base + kw * p.n + n, W_KN == 1u));
       }
-      b_slab[kb * TILE + c] = b;
+      b_slab[b_at.y * TILE + b_at.x] = b;
     }
     workgroupBarrier();
     for (var kk = 0u; kk < SLAB; kk++) {

@@ -131,6 +131,19 @@ const ODD: MatmulSpec[] = [
   { m: 36, n: 7, k: 33, ...tt, bias: true },
 ];
 
+/** Batched [B, M, K] x [B, ., .] in every layout (a bias with xᵀ Wᵀ). */
+function batchedSpecs(): MatmulSpec[] {
+  return ([[nt, 52], [nn, 53], [tn, 53], [tt, 52]] as const).map(([layout, k]) => ({
+    batch: 3,
+    batchedW: true,
+    m: 37,
+    n: 29,
+    k,
+    ...layout,
+    bias: layout === tt,
+  }));
+}
+
 /**
  * The workgroup-memory kernel (`kernel: "workgroup"`, opt-in until timed on a real GPU): odd sizes
  * within one 64 x 64 tile and over several (M 130, N 70, K 33 past two 16-deep slabs), every
@@ -146,15 +159,7 @@ const WORKGROUP_KERNEL_SPECS: MatmulSpec[] = [
       { m: 130, n: 70, k: 33, ...layout },
     ]),
     { m: 37, n: 29, k: 53, ...nn, accumulate: true },
-    ...[[nt, 52], [nn, 53], [tn, 53], [tt, 52]].map(([layout, k]) => ({
-      batch: 3,
-      batchedW: true,
-      m: 37,
-      n: 29,
-      k: k as number,
-      ...layout as object,
-      bias: layout === tt,
-    })),
+    ...batchedSpecs(),
     { m: 21, n: 29, k: 52, x3d: true },
     ...(["f16", "bf16"] as const).flatMap((wType): MatmulSpec[] => [
       { m: 37, n: 29, k: 53, wType, bias: true },
@@ -188,16 +193,7 @@ const matmulSpecs: MatmulSpec[] = [
   { m: 37, n: 29, k: 52, alpha: 2, bias: true },
   { m: 37, n: 29, k: 53, ...nn, accumulate: true },
   { m: 36, n: 29, k: 21, ...tn, alpha: 0.5, accumulate: true },
-  // Batched [B, M, K] x [B, ., .] in every layout.
-  ...[[nt, 52], [nn, 53], [tn, 53], [tt, 52]].map(([layout, k]) => ({
-    batch: 3,
-    batchedW: true,
-    m: 37,
-    n: 29,
-    k: k as number,
-    ...layout as object,
-    bias: layout === tt,
-  })),
+  ...batchedSpecs(),
   // 16-bit weights: half-word, u32 and vec4<u32> loads along K (Wᵀ) or N (W).
   ...(["f16", "bf16"] as const).flatMap((wType): MatmulSpec[] => [
     { m: 37, n: 29, k: 53, wType, bias: true },
