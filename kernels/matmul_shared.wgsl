@@ -25,18 +25,7 @@ const SLAB = 16u;
 const WG_SIDE = 16u;
 const PER_INVOCATION = 4u;
 
-struct Params {
-  m: u32,
-  n: u32,
-  k: u32,
-  // Element offsets between consecutive batches (0 for a weight shared by all batches).
-  x_batch: u32,
-  w_batch: u32,
-  y_batch: u32,
-  alpha: f32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+$MATMUL_PARAMS
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> w: array<$W_ELEM>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;

@@ -20,6 +20,7 @@
  */
 import template from "../../kernels/matmul.wgsl" with { type: "text" };
 import sharedTemplate from "../../kernels/matmul_shared.wgsl" with { type: "text" };
+import paramsCode from "../../kernels/matmul_params.wgsl" with { type: "text" };
 import { f32, type Gpu } from "../gpu/device.ts";
 import type { Markers } from "../gpu/shader.ts";
 import type { Tensor } from "../gpu/tensor.ts";
@@ -245,13 +246,15 @@ const SHARED_TILE = 64;
 
 /** kernels/matmul_shared.wgsl's weight element type and the body of its `weight(index)`. */
 const SHARED_MARKERS: Record<MatmulWeightType, Markers> = {
-  f32: { W_ELEM: "f32", W_VALUE: "  return w[index];" },
+  f32: { MATMUL_PARAMS: paramsCode, W_ELEM: "f32", W_VALUE: "  return w[index];" },
   f16: {
+    MATMUL_PARAMS: paramsCode,
     W_ELEM: "u32",
     W_VALUE: "  let pair = unpack2x16float(w[index >> 1u]);\n" +
       "  return select(pair.x, pair.y, (index & 1u) == 1u);",
   },
   bf16: {
+    MATMUL_PARAMS: paramsCode,
     W_ELEM: "u32",
     W_VALUE: "  let word = w[index >> 1u];\n" +
       "  return select(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u), " +
@@ -450,6 +453,7 @@ function matmulMarkers(v: MatmulVariant): Markers {
 
   const indent = (lines: string[], pad: string) => lines.map((l) => pad + l).join("\n");
   return {
+    MATMUL_PARAMS: paramsCode,
     X_ELEM: v.xVec === 4 ? "vec4f" : "f32",
     W_ELEM: wElem,
     PROLOGUE: indent(prologue, "  "),
