@@ -163,6 +163,8 @@ export function matmul(gpu: Gpu, x: Tensor, w: Tensor, options: MatmulOptions = 
   const xLayout = transposeX ? "km" : "mk";
   const wLayout = transposeW ? "nk" : "kn";
   const wType = w.dtype as MatmulWeightType;
+  // kernels/matmul_params.wgsl, the uniform of both kernels.
+  const params = [m, n, k, transposeX ? k * m : m * k, batchedW ? n * k : 0, m * n, f32(alpha)];
   if (options.kernel === "workgroup") {
     const groups: [number, number, number] = [
       Math.ceil(n / SHARED_TILE),
@@ -182,7 +184,7 @@ export function matmul(gpu: Gpu, x: Tensor, w: Tensor, options: MatmulOptions = 
           ACCUMULATE: accumulate ? 1 : 0,
         },
       },
-      params: [m, n, k, transposeX ? k * m : m * k, batchedW ? n * k : 0, m * n, f32(alpha)],
+      params,
       // Without a bias the binding still needs a buffer; ADD_BIAS 0 keeps it unread.
       bindings: [x, w, y, bias ?? x],
       workgroups: groups,
@@ -224,7 +226,7 @@ export function matmul(gpu: Gpu, x: Tensor, w: Tensor, options: MatmulOptions = 
         WG: tiling.workgroup,
       },
     },
-    params: [m, n, k, transposeX ? k * m : m * k, batchedW ? n * k : 0, m * n, f32(alpha)],
+    params,
     bindings: bias ? [x, w, y, bias] : [x, w, y],
     workgroups: groups,
   });

@@ -3,19 +3,21 @@
  * and `nf4MatmulInputGrad` the gradient dx = dy W that training sends back through the frozen
  * weight. W stays packed on the GPU.
  *
- * With at least DEQUANTIZE_MIN_ROWS activation rows (training and batch encoding), or on any
- * adapter that is not a CPU, W is
- * decoded into a pooled scratch tensor once per call and the plain matmul does the product:
- * decoding is then a small share of the work, and the matmul's tiles are faster than any
- * kernel that decodes as it multiplies. The scratch holds the exact f32 products code * absmax
- * (docs/numerics.md §3.1), unless the weight was uploaded with `decode: "f16"`: then, when every
- * decoded weight is 0 or a normal f16, it holds f16 bit patterns, code * absmax rounded once to
- * f16 (2^-11 relative, what bitsandbytes computes in an fp16 compute dtype), and the matmul
- * reads 16-bit weights packed along K with larger tiles than f32 allows (~1.1-1.25x faster on
- * lavapipe) at the cost of no longer matching the float64 oracle to the fixtures' tolerances. With fewer rows decoding costs as much
- * as the product, so it happens in registers: when K is a multiple of the block (every Qwen3 projection), the activation operand is first
- * copied into 64 KiB uniform-buffer tiles (kernels/nf4_matmul.wgsl explains why) and each tile
- * of rows is multiplied chunk by chunk along the reduction; other shapes take a plain kernel.
+ * With at least DEQUANTIZE_MIN_ROWS activation rows (training and batch encoding), or at any
+ * row count on an adapter that is not a CPU, W is decoded into a pooled scratch tensor once per
+ * call and the plain matmul does the product: decoding is then a small share of the work, and
+ * the matmul's tiles are faster than any kernel that decodes as it multiplies. The scratch holds
+ * the exact f32 products code * absmax (docs/numerics.md §3.1); for the input gradient they are
+ * written transposed, as Wᵀ, so that dx = dy W runs as the matmul's fastest layout, x Wᵀ. A
+ * weight uploaded with `decode: "f16"` decodes instead, when every decoded weight is 0 or a
+ * normal f16, to f16 bit patterns [N, K], code * absmax rounded once to f16 (2^-11 relative,
+ * what bitsandbytes computes in an fp16 compute dtype), and the matmul reads 16-bit weights
+ * packed along K with larger tiles than f32 allows (~1.1-1.25x faster on lavapipe) at the cost
+ * of no longer matching the float64 oracle to the fixtures' tolerances. With fewer rows on a CPU
+ * adapter, decoding costs as much as the product, so it happens in registers: when K is a
+ * multiple of the block (every Qwen3 projection), the activation operand is first copied into
+ * 64 KiB uniform-buffer tiles (kernels/nf4_matmul.wgsl explains why) and each tile of rows is
+ * multiplied chunk by chunk along the reduction; other shapes take a plain kernel.
  */
 import code from "../../kernels/nf4_matmul.wgsl" with { type: "text" };
 import { f32, type Gpu, grid1d } from "../gpu/device.ts";
