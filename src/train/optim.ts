@@ -317,10 +317,13 @@ export class AdamW {
     for (const { name, group, param, m, v } of this.#slots) {
       const lr = group.lr * lrFactor;
       const wd = group.weightDecay ?? this.weightDecay;
+      const vec4 = param.size % 4 === 0;
+      const count = vec4 ? param.size / 4 : param.size;
+      const tensors = [param, grads.get(name)!, m, v];
       this.#gpu.dispatch({
-        kernel: optimKernel("adamw"),
+        kernel: optimKernel(vec4 ? "adamw_vec4" : "adamw"),
         params: [
-          param.size,
+          count,
           0,
           f32(0),
           f32(1 - lr * wd),
@@ -332,8 +335,10 @@ export class AdamW {
           f32(this.eps),
           f32(clip),
         ],
-        bindings: [null, null, null, null, param, grads.get(name)!, m, v],
-        workgroups: grid1d(this.#gpu, param.size, WG),
+        bindings: vec4
+          ? [null, null, null, null, null, null, null, null, ...tensors]
+          : [null, null, null, null, ...tensors],
+        workgroups: grid1d(this.#gpu, count, WG),
       });
     }
   }

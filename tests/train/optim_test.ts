@@ -223,6 +223,32 @@ Deno.test("AdamW matches the reference over 3 steps with clipping, schedule and 
   ]);
 });
 
+Deno.test("AdamW's vec4 kernel (lengths divisible by 4) gives the scalar kernel's bits", async () => {
+  const gpu = await testGpu();
+  // The first 1000 elements of a [1001] tensor take `adamw`, a [1000] tensor `adamw_vec4`.
+  const init = randn(1001, 7);
+  const grad = randn(1001, 8).map((g, k) => g * 10 ** ((k % 7) - 7));
+  const scalar = gpu.upload(init, [1001], "f32", "scalar");
+  const vec4 = gpu.upload(init.slice(0, 1000), [1000], "f32", "vec4");
+  const opt = new AdamW(gpu, [{
+    name: "all",
+    lr: 1e-3,
+    params: new Map([["scalar", scalar], ["vec4", vec4]]),
+  }]);
+  const grads = new Map([
+    ["scalar", gpu.upload(grad, [1001], "f32", "g.scalar")],
+    ["vec4", gpu.upload(grad.slice(0, 1000), [1000], "f32", "g.vec4")],
+  ]);
+  for (let step = 0; step < 2; step++) opt.step(grads, { clipCoef: 0.5 });
+  const [a, b] = await gpu.readAll([scalar, vec4]) as Float32Array[];
+  const state = await opt.state();
+  assert.deepEqual(b, a.slice(0, 1000));
+  assert.deepEqual(state.m.get("vec4"), state.m.get("scalar")!.slice(0, 1000));
+  assert.deepEqual(state.v.get("vec4"), state.v.get("scalar")!.slice(0, 1000));
+  opt.destroy();
+  for (const t of [scalar, vec4, ...grads.values()]) t.destroy();
+});
+
 Deno.test("AdamW state round-trips through state()/loadState() and checks its input", async () => {
   const gpu = await testGpu();
   const n = 300;
