@@ -52,6 +52,25 @@ fn square_sum_partials(
   if (lid == 0u) { partials[p.partial_offset + wid.x] = total; }
 }
 
+@group(0) @binding(13) var<storage, read> x4: array<vec4f>;
+
+// `square_sum_partials` over vec4s (p.n counts them), for lengths divisible by 4: a quarter of
+// the storage loads, which on CPU adapters are what the reduction costs (see `adamw_vec4`).
+@compute @workgroup_size(WG)
+fn square_sum_partials_vec4(
+  @builtin(local_invocation_index) lid: u32,
+  @builtin(workgroup_id) wid: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+) {
+  var acc = 0.0;
+  for (var i = wid.x * WG + lid; i < p.n; i += nwg.x * WG) {
+    let v = x4[i];
+    acc += dot(v, v);
+  }
+  let total = workgroup_sum(acc, lid);
+  if (lid == 0u) { partials[p.partial_offset + wid.x] = total; }
+}
+
 // MSE forward and backward in one pass: partial sums of (pred - target)^2 and the gradient.
 @compute @workgroup_size(WG)
 fn mse_partials(

@@ -10,6 +10,7 @@ import { parseCommandArgs, UsageError } from "../src/cli/args.ts";
 import { adapterReport } from "../src/gpu/adapter_report.ts";
 import { Gpu } from "../src/gpu/device.ts";
 import { writeFileAtomic } from "../src/io/atomic.ts";
+import { OutputPathError, prepareOutputFile } from "../src/io/output_path.ts";
 
 const BASELINE_SIZES = [256, 512];
 
@@ -66,6 +67,17 @@ async function main(args: string[]): Promise<number> {
       throw new UsageError(`bench: ${error.message}`);
     })
     : undefined;
+  // Before minutes of timing: an unwritable --json would otherwise fail only at the end.
+  if (values.json) {
+    await prepareOutputFile(values.json, { force: true, flag: "--json" }).catch((error) => {
+      if (error instanceof OutputPathError) throw new UsageError(`bench: ${error.message}`);
+      if (!(error instanceof Deno.errors.NotCapable)) throw error;
+      throw new UsageError(
+        `bench: --json ${values.json}: this task may only write under the current folder ` +
+          `(${Deno.cwd()}). Fix: give a path there, e.g. bench-out/bench.json`,
+      );
+    });
+  }
 
   const gpu = await Gpu.create();
   const adapter = adapterReport(gpu);

@@ -107,7 +107,7 @@ export function squareSumPartials(gpu: Gpu, tensors: readonly Tensor[]): SquareP
   let total = 0;
   for (const t of tensors) {
     requireDType("squareSumPartials", "tensor", t, ["f32"]);
-    const count = partialCount(t.size);
+    const count = partialCount(t.size % 4 === 0 ? t.size / 4 : t.size);
     segments.push([total, total + count]);
     total += count;
   }
@@ -115,10 +115,11 @@ export function squareSumPartials(gpu: Gpu, tensors: readonly Tensor[]): SquareP
   tensors.forEach((t, i) => {
     if (t.size === 0) return;
     const [start, end] = segments[i];
+    const vec4 = t.size % 4 === 0;
     gpu.dispatch({
-      kernel: optimKernel("square_sum_partials"),
-      params: [t.size, start, f32(0)],
-      bindings: [t, null, partials],
+      kernel: optimKernel(vec4 ? "square_sum_partials_vec4" : "square_sum_partials"),
+      params: [vec4 ? t.size / 4 : t.size, start, f32(0)],
+      bindings: vec4 ? [null, null, partials, ...new Array(9).fill(null), t] : [t, null, partials],
       workgroups: [end - start],
     });
   });

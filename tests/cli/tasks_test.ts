@@ -78,3 +78,30 @@ Deno.test("tasks: a sandbox denial names the task's folder; an OS permission ref
   assert.doesNotMatch(explained.message, /may write only under/);
   assert.match(explained.message, /mkdir 'runs\/r'.*the operating system refused it/);
 });
+
+Deno.test("tasks: bench refuses an unwritable --json before timing anything", async () => {
+  const outside = await Deno.makeTempDir({ prefix: "distill-bench-json-" });
+  try {
+    for (
+      const [json, expected] of [
+        [`${outside}/bench.json`, "may only write under the current folder"],
+        ["tests", "is a folder"],
+      ]
+    ) {
+      const out = await new Deno.Command("deno", {
+        args: ["task", "-q", "bench", "--only", "round_trip", "--json", json],
+        cwd: ROOT,
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      const stdout = new TextDecoder().decode(out.stdout);
+      const stderr = new TextDecoder().decode(out.stderr);
+      assert.equal(out.code, 2, stderr);
+      assert.match(stderr, new RegExp(`--json ${json}: .*${expected}`));
+      // No adapter line: the check ran before the GPU was opened.
+      assert.doesNotMatch(stdout, /adapter:/);
+    }
+  } finally {
+    await Deno.remove(outside, { recursive: true });
+  }
+});

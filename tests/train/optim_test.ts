@@ -62,15 +62,19 @@ Deno.test("mseLoss and the norm partials are bit-for-bit reproducible", async ()
   const n = 300007;
   const pred = gpu.upload(randn(n, 1), [n], "f32", "pred");
   const target = gpu.upload(randn(n, 2), [n], "f32", "target");
+  const quad = gpu.upload(randn(n + 1, 3), [n + 1], "f32", "quad");
   const runs = [0, 1].map(() => {
     const { loss, grad } = mseLoss(gpu, pred, target);
-    return { loss, grad, norms: squareSumPartials(gpu, [pred, target]).partials };
+    // pred's length is odd (the scalar reduction), quad's divisible by 4 (the vec4 one).
+    return { loss, grad, norms: squareSumPartials(gpu, [pred, target, quad]).partials };
   });
   const out = await gpu.readAll(runs.flatMap((r) => [r.loss, r.grad, r.norms]));
   for (let k = 0; k < 3; k++) {
     assert.deepEqual(out[k], out[k + 3], `output ${k} differs between runs`);
   }
-  for (const t of [pred, target, ...runs.flatMap((r) => [r.loss, r.grad, r.norms])]) t.destroy();
+  for (const t of [pred, target, quad, ...runs.flatMap((r) => [r.loss, r.grad, r.norms])]) {
+    t.destroy();
+  }
 });
 
 Deno.test("mseLoss's gradient matches central finite differences of its loss", async () => {
@@ -137,9 +141,10 @@ Deno.test("micro-batches with lossScale 1/k give the full batch's gradient rows 
   for (const t of [...inputs, ...outputs]) t.destroy();
 });
 
-Deno.test("gradNorms matches the reference per group and in total (odd and empty tensors)", async () => {
+Deno.test("gradNorms matches the reference per group and in total (odd, vec4 and empty tensors)", async () => {
   const gpu = await testGpu();
-  const data = [...ODD_LENGTHS, 0].map((n, i) => randn(n, 40 + i, 0.1 * (i + 1)));
+  // Lengths divisible by 4 (1000, 300008) take the vec4 reduction, the others the scalar one.
+  const data = [...ODD_LENGTHS, 300008, 0].map((n, i) => randn(n, 40 + i, 0.1 * (i + 1)));
   const tensors = data.map((d, i) => gpu.upload(d, [d.length], "f32", `g${i}`));
   const norms = await gradNorms(gpu, { a: tensors.slice(0, 3), b: tensors.slice(3), none: [] });
   const sq = data.map(sumOfSquaresRef);
