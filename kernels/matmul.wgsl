@@ -26,7 +26,7 @@ override WG: u32;
 $MATMUL_PARAMS
 @group(0) @binding(1) var<storage, read> x: array<$X_ELEM>;
 @group(0) @binding(2) var<storage, read> w: array<$W_ELEM>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<$Y_ELEM>;
 // Read only by the variants with a bias.
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 

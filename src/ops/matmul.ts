@@ -201,6 +201,8 @@ export function matmul(gpu: Gpu, x: Tensor, w: Tensor, options: MatmulOptions = 
     // A vector load needs every row of the operand to start on a vector boundary.
     xVec: (xLayout === "mk" ? k : m) % 4 === 0 ? 4 : 1,
     wVec: weightVectorWidth(wType, wLayout === "nk" ? k : n, wLayout === "kn" ? tiling.cols : 8),
+    // Rows of y start on a vec4 boundary when N is a multiple of 4 (tile widths always are).
+    yVec: n % 4 === 0 ? 4 : 1,
     tiling,
     bias: bias !== undefined,
     accumulate,
@@ -294,6 +296,8 @@ interface MatmulVariant {
   xVec: number;
   /** w elements per load, see weightVectorWidth. */
   wVec: number;
+  /** y elements per load and store: 4 (vec4) or 1. */
+  yVec: number;
   tiling: MatmulTiling;
   bias: boolean;
   /** y += result instead of y = result. */
@@ -306,7 +310,7 @@ const markerCache = new Map<string, Markers>();
 /** Names what the markers depend on (the workgroup size is an override constant). */
 function variantName(v: MatmulVariant): string {
   const t = v.tiling;
-  return `matmul_${v.xLayout}${v.xVec}_${v.wLayout}${v.wType}${v.wVec}_` +
+  return `matmul_${v.xLayout}${v.xVec}_${v.wLayout}${v.wType}${v.wVec}_y${v.yVec}_` +
     `${t.rows}x${t.cols}${v.bias ? "_bias" : ""}${v.accumulate ? "_acc" : ""}`;
 }
 
@@ -452,13 +456,26 @@ function matmulMarkers(v: MatmulVariant): Markers {
   if (v.bias) {
     for (let j = 0; j < TN; j++) epilogue.push(`let bias${j} = bias[min(n0 + ${j}u, p.n - 1u)];`);
   }
+  const product = (i: number, j: number) =>
+    v.bias ? `p.alpha * c${i}_${j} + bias${j}` : `p.alpha * c${i}_${j}`;
   for (let i = 0; i < TM; i++) {
     epilogue.push(`if (m0 + ${i}u < p.m) {`);
     epilogue.push(`  let yr = y_base + (m0 + ${i}u) * p.n + n0;`);
-    for (let j = 0; j < TN; j++) {
-      const product = v.bias ? `p.alpha * c${i}_${j} + bias${j}` : `p.alpha * c${i}_${j}`;
-      const value = v.accumulate ? `y[yr + ${j}u] + ${product}` : product;
-      epilogue.push(`  if (n0 + ${j}u < p.n) { y[yr + ${j}u] = ${value}; }`);
+    if (v.yVec === 4) {
+      // Four columns per access: with N a multiple of 4, n0 + j < N means all four are in y.
+      // Each storage access costs a loop over the SIMD lanes on CPU adapters, which in products
+      // with a short K (weight gradients over 77 rows) is a good part of the time.
+      for (let j = 0; j < TN; j += 4) {
+        const at = `y[(yr + ${j}u) >> 2u]`;
+        const products = [0, 1, 2, 3].map((e) => product(i, j + e)).join(", ");
+        const value = v.accumulate ? `${at} + vec4f(${products})` : `vec4f(${products})`;
+        epilogue.push(`  if (n0 + ${j}u < p.n) { ${at} = ${value}; }`);
+      }
+    } else {
+      for (let j = 0; j < TN; j++) {
+        const value = v.accumulate ? `y[yr + ${j}u] + ${product(i, j)}` : product(i, j);
+        epilogue.push(`  if (n0 + ${j}u < p.n) { y[yr + ${j}u] = ${value}; }`);
+      }
     }
     epilogue.push(`}`);
   }
@@ -468,6 +485,7 @@ function matmulMarkers(v: MatmulVariant): Markers {
     MATMUL_PARAMS: paramsCode,
     X_ELEM: v.xVec === 4 ? "vec4f" : "f32",
     W_ELEM: wElem,
+    Y_ELEM: v.yVec === 4 ? "vec4f" : "f32",
     PROLOGUE: indent(prologue, "  "),
     BODY: indent(body, "    "),
     EPILOGUE: indent(epilogue, "  "),
