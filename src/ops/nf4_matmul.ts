@@ -304,6 +304,15 @@ function decodeWeight(gpu: Gpu, w: Nf4Weight, transposed: boolean): Tensor {
       throw new Error(`nf4DecodeWeightTransposed: ${n} x ${k} is not a multiple of 8 elements`);
     }
     const out = gpu.empty([k, n], "f32", `${name}.transposed`);
+    if (n % 4 === 0 && k % 8 === 0) {
+      gpu.dispatch({
+        kernel: { name: KERNEL, code, entry: "dequantize_f32_transposed_vec4", constants },
+        params,
+        bindings: [null, w.packed, w.absmax, null, null, null, null, null, out],
+        workgroups: grid1d(gpu, (n / 4) * (k / 8), DEQUANTIZE_WORKGROUP),
+      });
+      return out;
+    }
     gpu.dispatch({
       kernel: { name: KERNEL, code, entry: "dequantize_f32_transposed", constants },
       params,

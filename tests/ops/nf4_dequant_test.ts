@@ -58,8 +58,10 @@ Deno.test("nf4DecodeWeight under decode f16 writes code * absmax rounded once to
 Deno.test("nf4DecodeWeightTransposed writes the exact f32 code * absmax as [K, N], rows straddling words included", async () => {
   const gpu = await testGpu();
   // [n, k, block]: K a multiple of 8, K = 12 (words straddle rows), blocks of 6 mid-word, and
-  // 5 x 37 elements, which it refuses (not a multiple of 8).
-  for (const [n, k, block] of [[37, 24, 64], [10, 12, 64], [9, 40, 6]]) {
+  // 5 x 37 elements, which it refuses (not a multiple of 8). With N a multiple of 4 and K of 8
+  // the vec4 entry runs (4 rows per invocation): [12, 24], [20, 40] in blocks of 6, [36, 72].
+  const cases = [[37, 24, 64], [10, 12, 64], [9, 40, 6], [12, 24, 64], [20, 40, 6], [36, 72, 64]];
+  for (const [n, k, block] of cases) {
     const { w, exact } = upload(gpu, randn(n * k, n * k, 0.05), n, k, block, "f32");
     const decoded = nf4DecodeWeightTransposed(gpu, w);
     assert.deepEqual(decoded.shape, [k, n]);
