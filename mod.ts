@@ -54,6 +54,7 @@ export {
 } from "./src/gpu/device.ts";
 export { type DType, Tensor } from "./src/gpu/tensor.ts";
 export { type Markers } from "./src/gpu/shader.ts";
+export type { KernelProfile, KernelTime } from "./src/gpu/profile.ts";
 export { type AdapterReport, adapterReport } from "./src/gpu/adapter_report.ts";
 
 // Encode: a trained student turns prompts into SDXL conditioning; these are its parts.

@@ -32,7 +32,9 @@ Options:
 The student bench (--only student runs it alone) writes a random bench-config Qwen3 to
 bench-out/student-bench-qwen3/ once and times the forward with NF4 weights (decoded to f32, the
 default, and to f16) and with f32 weights and one training step (NF4 + LoRA r16 q/k/v/o +
-resampler, batch 1, 256 tokens).
+resampler, batch 1, 256 tokens). Where the adapter has timestamp-query it then profiles one
+more step: student_step_kernel rows give each kernel's GPU time in it (longest first), its
+calls and its share of the step's GPU time.
 
 Every result is the median wall time (ms) of one call after a warm-up, GPU work included,
 with the process CPU time (cpuMs, all threads) that tells how much of the machine a CPU

@@ -195,6 +195,37 @@ async function countCalls(gpu: Gpu, run: () => Promise<void>): Promise<CallCount
   };
 }
 
+/** Kernels listed in the step profile; the rest are summed in one row. */
+const PROFILE_ROWS = 12;
+
+/**
+ * GPU time per kernel over one more training step, each dispatch timed in a pass of its own
+ * (src/gpu/profile.ts): rows `student_step_kernel`, longest first, with their share of the
+ * step's GPU time. Timed apart from the step's wall time, which the extra passes would inflate.
+ */
+async function stepProfile(gpu: Gpu, train: () => Promise<void>): Promise<BenchResult[]> {
+  gpu.startProfile();
+  await train();
+  const profile = await gpu.stopProfile();
+  const shown = profile.kernels.slice(0, PROFILE_ROWS);
+  const rest = profile.kernels.slice(PROFILE_ROWS);
+  if (rest.length > 0) {
+    shown.push({
+      kernel: `${rest.length} other kernels`,
+      seconds: rest.reduce((s, k) => s + k.seconds, 0),
+      calls: rest.reduce((n, k) => n + k.calls, 0),
+    });
+  }
+  return shown.map((k) => ({
+    name: "student_step_kernel",
+    kernel: k.kernel,
+    calls: k.calls,
+    share: k.seconds / profile.seconds,
+    ms: k.seconds * 1000,
+    ...(profile.untimed > 0 ? { untimedDispatches: profile.untimed } : {}),
+  }));
+}
+
 export const studentBench: Bench = {
   name: "student",
   summary: "the bench-config student: forward NF4, forward f32, one training step",
@@ -259,6 +290,7 @@ export const studentBench: Bench = {
       const seconds = await timeSeconds(reps, train);
       const counters = await countCalls(gpu, train);
       results.push(row(peak, "student_train_step", seconds, counters, torch?.train_step_s));
+      if (gpu.features.timestampQuery) results.push(...await stepProfile(gpu, train));
       step.destroy();
       destroyLora(lora);
       destroyResampler(resampler);

@@ -1,3 +1,4 @@
+import { DispatchProfiler, type KernelProfile } from "./profile.ts";
 import { type DType, dtypeBytes, numel, paddedByteLength, Tensor } from "./tensor.ts";
 import { BufferPool, sizeClass } from "./pool.ts";
 import { type Markers, sameMarkers, specialise } from "./shader.ts";
@@ -144,6 +145,7 @@ export class Gpu {
   #uniformUsed = 0;
   #encoder: GPUCommandEncoder | null = null;
   #pass: GPUComputePassEncoder | null = null;
+  #profiler: DispatchProfiler | null = null;
   #recorded = 0;
   #errors: string[] = [];
   #lost: string | null = null;
@@ -332,7 +334,7 @@ export class Gpu {
       this.#bindGroups.set(key, bindGroup);
       this.#bindGroupCount++;
     }
-    const pass = this.#computePass();
+    const pass = this.#profiler ? this.#profiledPass(d.kernel) : this.#computePass();
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, bindGroup);
     const [x, y = 1, z = 1] = d.workgroups;
@@ -441,6 +443,31 @@ export class Gpu {
     return (await this.read(t)) as Float32Array;
   }
 
+  /**
+   * Times every dispatch from now on the GPU, each in a pass of its own, until `stopProfile`
+   * (src/gpu/profile.ts). Needs the `timestamp-query` feature.
+   */
+  startProfile(): void {
+    if (!this.features.timestampQuery) {
+      throw new Error(
+        "Gpu.startProfile: this adapter has no timestamp-query feature (e.g. llvmpipe through " +
+          "OpenGL); check gpu.features.timestampQuery first",
+      );
+    }
+    if (this.#profiler) throw new Error("Gpu.startProfile: a profile is already running");
+    this.#endPass();
+    this.#profiler = new DispatchProfiler(this.device);
+  }
+
+  /** Waits for the profiled work and returns its GPU time per kernel. */
+  async stopProfile(): Promise<KernelProfile> {
+    const profiler = this.#profiler;
+    if (!profiler) throw new Error("Gpu.stopProfile: no profile is running (call startProfile)");
+    await this.sync();
+    this.#profiler = null;
+    return await profiler.resolve(this.device);
+  }
+
   /** Frees the pooled buffers and the device; the `Gpu` and its tensors are unusable after. */
   destroy(): void {
     this.#pool.destroy();
@@ -511,6 +538,17 @@ export class Gpu {
   #commandEncoder(): GPUCommandEncoder {
     if (!this.#encoder) this.#encoder = this.device.createCommandEncoder();
     return this.#encoder;
+  }
+
+  /** A pass of its own for one dispatch, with timestamps at its beginning and end. */
+  #profiledPass(kernel: Kernel): GPUComputePassEncoder {
+    this.#endPass();
+    const name = kernel.entry ? `${kernel.name}:${kernel.entry}` : kernel.name;
+    const timestampWrites = this.#profiler!.next(name);
+    this.#pass = this.#commandEncoder().beginComputePass(
+      timestampWrites ? { timestampWrites } : undefined,
+    );
+    return this.#pass;
   }
 
   #computePass(): GPUComputePassEncoder {

@@ -230,3 +230,36 @@ Deno.test("leading views the first rows in place: writes through it land in the 
   ones.destroy();
   t.destroy();
 });
+
+{
+  const gpu = await testGpu();
+  const reason = gpu.features.timestampQuery
+    ? ""
+    : " (ignored: this adapter has no timestamp-query, e.g. llvmpipe through OpenGL)";
+  Deno.test({
+    name: "startProfile/stopProfile time each dispatch by kernel and change no result" + reason,
+    ignore: !gpu.features.timestampQuery,
+    async fn() {
+      const a = gpu.upload(new Float32Array(1001).fill(1.5), [1001], "f32", "a");
+      const b = gpu.upload(new Float32Array(1001).fill(2), [1001], "f32", "b");
+      const before = gpu.stats;
+      gpu.startProfile();
+      assert.throws(() => gpu.startProfile(), /already running/);
+      addInPlace(gpu, a, b);
+      addInPlace(gpu, a, b);
+      const sum = add(gpu, a, b);
+      const profile = await gpu.stopProfile();
+      const kernels = new Map(profile.kernels.map((k) => [k.kernel, k]));
+      assert.equal(kernels.get("elementwise:add_in_place")?.calls, 2);
+      assert.equal(kernels.get("elementwise:add")?.calls, 1);
+      assert.equal(profile.kernels.reduce((n, k) => n + k.calls, 0), 3);
+      assert.equal(profile.untimed, 0);
+      for (const k of profile.kernels) assert.ok(k.seconds >= 0 && k.seconds < 10, k.kernel);
+      assert.ok(profile.seconds > 0, `${profile.seconds}`);
+      assert.equal(gpu.stats.dispatches - before.dispatches, 3);
+      assert.deepEqual(await gpu.readF32(sum), new Float32Array(1001).fill(7.5));
+      await assert.rejects(() => gpu.stopProfile(), /no profile is running/);
+      for (const t of [a, b, sum]) t.destroy();
+    },
+  });
+}
