@@ -36,7 +36,16 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(4) var<storage, read_write> grad_out: array<f32>;
 
-// Partial sums of x^2, one per workgroup.
+// `$ELEM` is f32, or vec4f for tensors whose length is a multiple of 4 (p.n then counts vec4s):
+// on CPU adapters every storage access is a loop over the SIMD lanes and a vec4 access costs about
+// what a scalar one does, so the vec4 variant makes a quarter of them. src/train/optim.ts picks.
+@group(0) @binding(12) var<storage, read> squared: array<$ELEM>;
+
+fn sum_of_squares(v: $ELEM) -> f32 {
+$SUM_OF_SQUARES
+}
+
+// Partial sums of x^2 (of `squared`), one per workgroup.
 @compute @workgroup_size(WG)
 fn square_sum_partials(
   @builtin(local_invocation_index) lid: u32,
@@ -45,27 +54,7 @@ fn square_sum_partials(
 ) {
   var acc = 0.0;
   for (var i = wid.x * WG + lid; i < p.n; i += nwg.x * WG) {
-    let v = x[i];
-    acc += v * v;
-  }
-  let total = workgroup_sum(acc, lid);
-  if (lid == 0u) { partials[p.partial_offset + wid.x] = total; }
-}
-
-@group(0) @binding(13) var<storage, read> x4: array<vec4f>;
-
-// `square_sum_partials` over vec4s (p.n counts them), for lengths divisible by 4: a quarter of
-// the storage loads, which on CPU adapters are what the reduction costs (see `adamw_vec4`).
-@compute @workgroup_size(WG)
-fn square_sum_partials_vec4(
-  @builtin(local_invocation_index) lid: u32,
-  @builtin(workgroup_id) wid: vec3u,
-  @builtin(num_workgroups) nwg: vec3u,
-) {
-  var acc = 0.0;
-  for (var i = wid.x * WG + lid; i < p.n; i += nwg.x * WG) {
-    let v = x4[i];
-    acc += dot(v, v);
+    acc += sum_of_squares(squared[i]);
   }
   let total = workgroup_sum(acc, lid);
   if (lid == 0u) { partials[p.partial_offset + wid.x] = total; }
@@ -97,10 +86,10 @@ fn sum_partials(@builtin(local_invocation_index) lid: u32) {
   if (lid == 0u) { grad_out[0] = total * p.scale; }
 }
 
-@group(0) @binding(5) var<storage, read_write> param: array<f32>;
-@group(0) @binding(6) var<storage, read> grad: array<f32>;
-@group(0) @binding(7) var<storage, read_write> exp_avg: array<f32>;
-@group(0) @binding(8) var<storage, read_write> exp_avg_sq: array<f32>;
+@group(0) @binding(5) var<storage, read_write> param: array<$ELEM>;
+@group(0) @binding(6) var<storage, read> grad: array<$ELEM>;
+@group(0) @binding(7) var<storage, read_write> exp_avg: array<$ELEM>;
+@group(0) @binding(8) var<storage, read_write> exp_avg_sq: array<$ELEM>;
 
 // torch.optim.AdamW's `_single_tensor_adam` (decoupled_weight_decay=True), element by element,
 // after clip_grad_norm_'s `grad.mul_(clip_coef)`:
@@ -109,6 +98,7 @@ fn sum_partials(@builtin(local_invocation_index) lid: u32) {
 //   exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 //   denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
 //   param.addcdiv_(exp_avg, denom, value=-step_size)
+// The vec4 variant does the same f32 operations on each element, so it gives the same bits.
 @compute @workgroup_size(WG)
 fn adamw(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
   let i = gid.x + gid.y * nwg.x * WG;
@@ -120,26 +110,4 @@ fn adamw(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg
   param[i] = param[i] * p.decay - p.step_size * (m / denom);
   exp_avg[i] = m;
   exp_avg_sq[i] = v;
-}
-
-@group(0) @binding(9) var<storage, read_write> param4: array<vec4f>;
-@group(0) @binding(10) var<storage, read> grad4: array<vec4f>;
-@group(0) @binding(11) var<storage, read_write> exp_avg4: array<vec4f>;
-@group(0) @binding(12) var<storage, read_write> exp_avg_sq4: array<vec4f>;
-
-// `adamw` on four elements per invocation, for tensors whose length is a multiple of 4 (p.n
-// counts vec4s). The same f32 operations per element, so the same bits; on CPU adapters each
-// storage access is a loop over the SIMD lanes, and a vec4 access costs about what a scalar
-// one does, so this runs about 4x fewer of them.
-@compute @workgroup_size(WG)
-fn adamw_vec4(@builtin(global_invocation_id) gid: vec3u, @builtin(num_workgroups) nwg: vec3u) {
-  let i = gid.x + gid.y * nwg.x * WG;
-  if (i >= p.n) { return; }
-  let g = grad4[i] * p.clip;
-  let m = exp_avg4[i] + p.one_minus_beta1 * (g - exp_avg4[i]);
-  let v = exp_avg_sq4[i] * p.beta2 + p.one_minus_beta2 * (g * g);
-  let denom = sqrt(v) / p.bias_correction2_sqrt + p.eps;
-  param4[i] = param4[i] * p.decay - p.step_size * (m / denom);
-  exp_avg4[i] = m;
-  exp_avg_sq4[i] = v;
 }

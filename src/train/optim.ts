@@ -31,8 +31,18 @@ function partialCount(n: number): number {
   return Math.min(Math.ceil(n / WG), MAX_PARTIALS);
 }
 
-function optimKernel(entry: string) {
-  return { name: "optim", code, markers: WORKGROUP_REDUCE, entry, constants: { WG } };
+/**
+ * kernels/optim.wgsl with `$ELEM` f32, or vec4f (`vec4`: AdamW and the squared sums over
+ * lengths divisible by 4, a quarter of the storage accesses; each is a loop over the SIMD lanes
+ * on CPU adapters).
+ */
+function optimKernel(entry: string, vec4 = false) {
+  const markers = {
+    ...WORKGROUP_REDUCE,
+    ELEM: vec4 ? "vec4f" : "f32",
+    SUM_OF_SQUARES: vec4 ? "  return dot(v, v);" : "  return v * v;",
+  };
+  return { name: vec4 ? "optim_vec4" : "optim", code, markers, entry, constants: { WG } };
 }
 
 export interface MseLossOptions {
@@ -117,9 +127,9 @@ export function squareSumPartials(gpu: Gpu, tensors: readonly Tensor[]): SquareP
     const [start, end] = segments[i];
     const vec4 = t.size % 4 === 0;
     gpu.dispatch({
-      kernel: optimKernel(vec4 ? "square_sum_partials_vec4" : "square_sum_partials"),
+      kernel: optimKernel("square_sum_partials", vec4),
       params: [vec4 ? t.size / 4 : t.size, start, f32(0)],
-      bindings: vec4 ? [null, null, partials, ...new Array(9).fill(null), t] : [t, null, partials],
+      bindings: [null, null, partials, ...new Array(8).fill(null), t],
       workgroups: [end - start],
     });
   });
@@ -320,9 +330,8 @@ export class AdamW {
       const wd = group.weightDecay ?? this.weightDecay;
       const vec4 = param.size % 4 === 0;
       const count = vec4 ? param.size / 4 : param.size;
-      const tensors = [param, grads.get(name)!, m, v];
       this.#gpu.dispatch({
-        kernel: optimKernel(vec4 ? "adamw_vec4" : "adamw"),
+        kernel: optimKernel("adamw", vec4),
         params: [
           count,
           0,
@@ -336,9 +345,7 @@ export class AdamW {
           f32(this.eps),
           f32(clip),
         ],
-        bindings: vec4
-          ? [null, null, null, null, null, null, null, null, ...tensors]
-          : [null, null, null, null, ...tensors],
+        bindings: [null, null, null, null, param, grads.get(name)!, m, v],
         workgroups: grid1d(this.#gpu, count, WG),
       });
     }

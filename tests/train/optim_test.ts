@@ -230,7 +230,7 @@ Deno.test("AdamW matches the reference over 3 steps with clipping, schedule and 
 
 Deno.test("AdamW's vec4 kernel (lengths divisible by 4) gives the scalar kernel's bits", async () => {
   const gpu = await testGpu();
-  // The first 1000 elements of a [1001] tensor take `adamw`, a [1000] tensor `adamw_vec4`.
+  // The first 1000 elements of a [1001] tensor take the f32 `adamw`, a [1000] one the vec4 one.
   const init = randn(1001, 7);
   const grad = randn(1001, 8).map((g, k) => g * 10 ** ((k % 7) - 7));
   const scalar = gpu.upload(init, [1001], "f32", "scalar");
