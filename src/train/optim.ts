@@ -45,6 +45,12 @@ function optimKernel(entry: string, vec4 = false) {
   return { name: vec4 ? "optim_vec4" : "optim", code, markers, entry, constants: { WG } };
 }
 
+/** Whether a tensor of `size` elements takes the vec4 variant, and its invocations' p.n. */
+function elementsPerAccess(size: number): { vec4: boolean; count: number } {
+  const vec4 = size % 4 === 0;
+  return { vec4, count: vec4 ? size / 4 : size };
+}
+
 export interface MseLossOptions {
   /**
    * Multiplies the gradient (not the returned loss): `1 / k` for each of k accumulated
@@ -117,7 +123,7 @@ export function squareSumPartials(gpu: Gpu, tensors: readonly Tensor[]): SquareP
   let total = 0;
   for (const t of tensors) {
     requireDType("squareSumPartials", "tensor", t, ["f32"]);
-    const count = partialCount(t.size % 4 === 0 ? t.size / 4 : t.size);
+    const count = partialCount(elementsPerAccess(t.size).count);
     segments.push([total, total + count]);
     total += count;
   }
@@ -125,10 +131,10 @@ export function squareSumPartials(gpu: Gpu, tensors: readonly Tensor[]): SquareP
   tensors.forEach((t, i) => {
     if (t.size === 0) return;
     const [start, end] = segments[i];
-    const vec4 = t.size % 4 === 0;
+    const { vec4, count } = elementsPerAccess(t.size);
     gpu.dispatch({
       kernel: optimKernel("square_sum_partials", vec4),
-      params: [vec4 ? t.size / 4 : t.size, start, f32(0)],
+      params: [count, start, f32(0)],
       bindings: [null, null, partials, ...new Array(8).fill(null), t],
       workgroups: [end - start],
     });
@@ -328,8 +334,7 @@ export class AdamW {
     for (const { name, group, param, m, v } of this.#slots) {
       const lr = group.lr * lrFactor;
       const wd = group.weightDecay ?? this.weightDecay;
-      const vec4 = param.size % 4 === 0;
-      const count = vec4 ? param.size / 4 : param.size;
+      const { vec4, count } = elementsPerAccess(param.size);
       this.#gpu.dispatch({
         kernel: optimKernel("adamw", vec4),
         params: [
